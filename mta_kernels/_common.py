@@ -1,0 +1,177 @@
+"""Helpers shared by the fused ops: dispatch, launch utilities and the row-normalization kernels.
+
+Dispatch (DESIGN §3): CUDA tensors run the Triton kernels; CPU tensors run the eager reference,
+unless ``TRITON_INTERPRET=1`` was set before Triton was imported, in which case the Triton kernels
+run on CPU through the interpreter (that is how CI checks them). float64 inputs always take the
+reference, which is what ``torch.autograd.gradcheck`` exercises.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from mta_kernels._validation import NORM_EPS
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Precision of ``tl.dot`` on fp32 inputs. "ieee" is exact fp32 (CUDA cores); "tf32x3" is close to
+# fp32 on tensor cores; "tf32" is fastest with ~1e-3 relative error. bf16/fp16 inputs always use
+# tensor cores with fp32 accumulation. Set with :func:`set_fp32_matmul_precision`.
+_FP32_DOT_PRECISION = "ieee"
+
+
+def set_fp32_matmul_precision(precision: str) -> None:
+    """How ``tl.dot`` treats fp32 operands: ``"ieee"`` (default), ``"tf32x3"`` or ``"tf32"``."""
+    global _FP32_DOT_PRECISION
+    if precision not in ("ieee", "tf32x3", "tf32"):
+        raise ValueError(f"precision must be 'ieee', 'tf32x3' or 'tf32', got {precision!r}")
+    _FP32_DOT_PRECISION = precision
+
+
+def dot_precision() -> str:
+    return _FP32_DOT_PRECISION
+
+
+# Tests set this to fill every kernel output with NaN before launch, so that an element a kernel
+# forgets to write fails the comparison instead of passing by luck.
+POISON_OUTPUTS = False
+
+
+def empty_output(*shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``torch.empty`` for kernel outputs (NaN-filled when :data:`POISON_OUTPUTS` is set)."""
+    out = torch.empty(*shape, dtype=dtype, device=device)
+    return out.fill_(float("nan")) if POISON_OUTPUTS else out
+
+
+def use_triton(*tensors: Tensor | None) -> bool:
+    """True when the fused Triton path applies; anything else goes to the (validating) reference."""
+    present = [t for t in tensors if t is not None]
+    if not all(isinstance(t, Tensor) for t in present):
+        return False  # the reference raises the TypeError
+    if any(t.dtype == torch.float64 for t in present):
+        return False
+    device = present[0].device
+    return device.type == "cuda" or (INTERPRETER and device.type == "cpu")
+
+
+def contiguous(t: Tensor) -> Tensor:
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def dot_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Storage dtype of derived operands fed to ``tl.dot`` (normalized rows, coefficient tiles).
+
+    bf16 inputs keep bf16 operands (tensor cores, fp32 accumulation; their error is of the order
+    of the inputs' own rounding). fp16 and fp32 inputs get fp32 operands, so they meet the fp32
+    accuracy contract (tests: 1e-5 forward).
+    """
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
+def block_size(n: int, cap: int, floor: int = 16) -> int:
+    """Smallest power of two >= n, clamped to [floor, cap] (``tl.dot`` needs >= 16)."""
+    return max(floor, min(cap, triton.next_power_of_2(max(n, 1))))
+
+
+@triton.jit
+def row_normalize_fwd_kernel(
+    x_ptr,  # [R, D] input rows
+    out_ptr,  # [R, D] x / max(||x||, eps), in the dot dtype
+    inv_norm_ptr,  # [R] fp32: 1 / max(||x||, eps)
+    D,
+    eps,
+    BLOCK_D: tl.constexpr,
+):
+    """One program per row: ``out = x / max(‖x‖₂, eps)`` computed in fp32."""
+    row = tl.program_id(0).to(tl.int64)
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(x_ptr + row * D + offs, mask=offs < D, other=0.0).to(tl.float32)
+        acc += x * x
+    inv_norm = 1.0 / tl.maximum(tl.sqrt(tl.sum(acc, axis=0)), eps)
+    tl.store(inv_norm_ptr + row, inv_norm)
+    for d0 in range(0, D, BLOCK_D):
+        offs = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(x_ptr + row * D + offs, mask=offs < D, other=0.0).to(tl.float32)
+        tl.store(
+            out_ptr + row * D + offs, (x * inv_norm).to(out_ptr.dtype.element_ty), mask=offs < D
+        )
+
+
+@triton.jit
+def row_normalize_bwd_kernel(
+    x_ptr,  # [R, D] forward input
+    inv_norm_ptr,  # [R] fp32 saved by the forward
+    grad_hat_ptr,  # [R, D] fp32 gradient w.r.t. the normalized rows
+    grad_x_ptr,  # [R, D] gradient w.r.t. x (x's dtype)
+    D,
+    eps,
+    BLOCK_D: tl.constexpr,
+):
+    """``g_x = r (g − ⟨g, x̂⟩ x̂)``, ``r = 1/max(‖x‖, eps)``; ``r g`` where the clamp is active."""
+    row = tl.program_id(0).to(tl.int64)
+    inv_norm = tl.load(inv_norm_ptr + row)
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(x_ptr + row * D + offs, mask=offs < D, other=0.0).to(tl.float32)
+        g = tl.load(grad_hat_ptr + row * D + offs, mask=offs < D, other=0.0)
+        acc += g * x
+    # Below the clamp the norm is the constant eps: no projection term.
+    unclamped = inv_norm < 1.0 / eps
+    projection = tl.where(unclamped, tl.sum(acc, axis=0) * inv_norm * inv_norm, 0.0)
+    for d0 in range(0, D, BLOCK_D):
+        offs = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(x_ptr + row * D + offs, mask=offs < D, other=0.0).to(tl.float32)
+        g = tl.load(grad_hat_ptr + row * D + offs, mask=offs < D, other=0.0)
+        grad = inv_norm * (g - projection * x)
+        tl.store(grad_x_ptr + row * D + offs, grad.to(grad_x_ptr.dtype.element_ty), mask=offs < D)
+
+
+@torch.library.custom_op("mta::row_normalize", mutates_args=())
+def row_normalize(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows of ``x`` [..., D] scaled to unit norm: (x̂ in the dot dtype, 1/max(‖x‖, 1e-12) fp32)."""
+    x = contiguous(x)
+    rows, width = x.numel() // max(x.shape[-1], 1), x.shape[-1]
+    out = empty_output(*x.shape, dtype=dot_dtype(x.dtype), device=x.device)
+    inv_norm = empty_output(*x.shape[:-1], dtype=torch.float32, device=x.device)
+    if rows > 0:
+        row_normalize_fwd_kernel[(rows,)](
+            x, out, inv_norm, width, NORM_EPS, BLOCK_D=block_size(width, 1024)
+        )
+    return out, inv_norm
+
+
+@row_normalize.register_fake
+def _(x: Tensor) -> tuple[Tensor, Tensor]:
+    return x.new_empty(x.shape, dtype=dot_dtype(x.dtype)), x.new_empty(
+        x.shape[:-1], dtype=torch.float32
+    )
+
+
+@torch.library.custom_op("mta::row_normalize_backward", mutates_args=())
+def row_normalize_backward(x: Tensor, inv_norm: Tensor, grad_hat: Tensor) -> Tensor:
+    """Gradient w.r.t. ``x`` of :func:`row_normalize` given fp32 ``grad_hat``; x's dtype."""
+    x = contiguous(x)
+    rows, width = x.numel() // max(x.shape[-1], 1), x.shape[-1]
+    grad_x = empty_output(*x.shape, dtype=x.dtype, device=x.device)
+    if rows > 0:
+        row_normalize_bwd_kernel[(rows,)](
+            x,
+            inv_norm,
+            contiguous(grad_hat),
+            grad_x,
+            width,
+            NORM_EPS,
+            BLOCK_D=block_size(width, 1024),
+        )
+    return grad_x
+
+
+@row_normalize_backward.register_fake
+def _(x: Tensor, inv_norm: Tensor, grad_hat: Tensor) -> Tensor:
+    return torch.empty_like(x)

@@ -1,0 +1,202 @@
+"""Eager PyTorch references of every MTA op: the executable specification.
+
+Each function is written straight from the equations of DESIGN §2, favouring clarity over speed
+(they build the T×T, K×T and K×K matrices the fused kernels avoid). They accept any floating
+dtype, compute in float32 (or float64 when given float64, which the gradient checks use) and are
+what the Triton kernels, ``torch.compile`` and the benchmarks are compared against.
+
+Shapes: ``B`` batch, ``T`` tokens, ``K`` units (spans), ``d`` hidden width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from mta_kernels._validation import (
+    DENOM_EPS,
+    NORM_EPS,
+    STD_EPS,
+    check_hidden_alignment_args,
+    check_pairwise_distance_args,
+    check_span_pool_args,
+    check_span_weights_args,
+    check_structural_loss_args,
+    check_token_importance_args,
+)
+
+__all__ = [
+    "hidden_alignment_loss",
+    "pairwise_distance",
+    "reduce_loss",
+    "span_membership",
+    "span_pool",
+    "span_weights",
+    "structural_loss",
+    "token_importance",
+]
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 if any input is float64, float32 otherwise."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def reduce_loss(per_example: Tensor, reduction: str) -> Tensor:
+    """Batch reduction shared by all losses: ``mean`` over examples, ``sum``, or ``none`` ([B])."""
+    if reduction == "mean":
+        return per_example.mean()
+    if reduction == "sum":
+        return per_example.sum()
+    return per_example
+
+
+def span_membership(spans: Tensor, span_mask: Tensor, num_tokens: int) -> Tensor:
+    """``M[b, k, t]``: token ``t`` lies in the valid span ``k`` of example ``b``; [B, K, T] bool."""
+    positions = torch.arange(num_tokens, device=spans.device)
+    starts, ends = spans[..., 0:1], spans[..., 1:2]
+    return (positions >= starts) & (positions < ends) & span_mask.bool().unsqueeze(-1)
+
+
+def token_importance(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """Teacher token importance ``w`` (Eq. 5–7): [B, T] float32, no grad.
+
+    ``Ĥ = H / (std(H) + 1e-8)`` (Bessel-corrected, no centring), ``A = Ĥ Ĥᵀ / √d`` with the
+    diagonal and padding columns at −∞, row softmax ``α``; padding rows and rows without a valid
+    column contribute 0. ``w_t = (1/N) Σ_s α_{s,t}`` with ``N = Σ m`` and ``w_t = 0`` on padding.
+    """
+    check_token_importance_args(hidden, attention_mask)
+    dtype = _compute_dtype(hidden)
+    with torch.no_grad():
+        h = hidden.to(dtype)
+        num_tokens, width = h.shape[1], h.shape[2]
+        mask = attention_mask.bool()
+        h_hat = h / (h.std(dim=-1, keepdim=True) + STD_EPS)
+        scores = h_hat @ h_hat.transpose(1, 2) / math.sqrt(width)
+        eye = torch.eye(num_tokens, dtype=torch.bool, device=h.device)
+        invalid = eye.unsqueeze(0) | ~mask.unsqueeze(1)
+        scores = scores.masked_fill(invalid, float("-inf"))
+        alpha = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no valid column -> 0
+        alpha = alpha * mask.unsqueeze(-1).to(dtype)
+        n_valid = mask.sum(dim=-1, keepdim=True).to(dtype).clamp_min(1.0)
+        return alpha.sum(dim=1) / n_valid * mask.to(dtype)
+
+
+def span_pool(
+    hidden: Tensor, spans: Tensor, span_mask: Tensor, token_weights: Tensor | None = None
+) -> Tensor:
+    """Weighted span pooling (Eq. 8): [B, K, d] float32.
+
+    ``U_k = Σ_{t∈[s_k,e_k)} w_t H_t / max(Σ_{t∈span} w_t, 1e-8)``, ``U_k = 0`` for invalid or empty
+    spans; ``w = 1`` (a plain mean) when ``token_weights`` is None.
+    """
+    check_span_pool_args(hidden, spans, span_mask, token_weights)
+    dtype = _compute_dtype(hidden, *([token_weights] if token_weights is not None else []))
+    h = hidden.to(dtype)
+    member = span_membership(spans, span_mask, h.shape[1]).to(dtype)
+    if token_weights is not None:
+        member = member * token_weights.to(dtype).unsqueeze(1)
+    total = member.sum(dim=-1, keepdim=True)
+    return (member @ h) / total.clamp_min(DENOM_EPS)
+
+
+def span_weights(token_weights: Tensor, spans: Tensor, span_mask: Tensor) -> Tensor:
+    """Span weights (Eq. 9): [B, K] float32.
+
+    ``p̃_k = Σ_{t∈span k} w_t``; ``p_k = v_k p̃_k / max(Σ_j v_j p̃_j, 1e-8)``.
+    """
+    check_span_weights_args(token_weights, spans, span_mask)
+    dtype = _compute_dtype(token_weights)
+    member = span_membership(spans, span_mask, token_weights.shape[1]).to(dtype)
+    raw = (member * token_weights.to(dtype).unsqueeze(1)).sum(dim=-1)
+    return raw / raw.sum(dim=-1, keepdim=True).clamp_min(DENOM_EPS)
+
+
+def _euclidean_norms(diff: Tensor) -> Tensor:
+    """``‖diff‖`` over the last dim with a zero (not NaN) gradient where ``diff == 0``."""
+    squared = diff.pow(2).sum(dim=-1)
+    positive = squared > 0
+    return torch.where(positive, squared.where(positive, torch.ones_like(squared)).sqrt(), 0.0)
+
+
+def pairwise_distance(
+    units: Tensor, span_mask: Tensor | None = None, metric: str = "cosine"
+) -> Tensor:
+    """Normalized pairwise distances between units: [B, K, K] float32.
+
+    ``cosine``: ``D_ij = 1 − ⟨Û_i, Û_j⟩`` with ``Û = U / max(‖U‖, 1e-12)``.
+    ``euclidean``: ``D_ij = ‖U_i − U_j‖ / μ`` with ``μ`` the mean distance over valid ordered
+    pairs ``i ≠ j`` (``D = 0`` when ``μ = 0``). Invalid rows/columns and the diagonal are 0.
+    """
+    check_pairwise_distance_args(units, span_mask, metric)
+    dtype = _compute_dtype(units)
+    u = units.to(dtype)
+    batch, num_units = u.shape[0], u.shape[1]
+    if span_mask is None:
+        span_mask = torch.ones(batch, num_units, dtype=torch.bool, device=u.device)
+    valid = span_mask.bool()
+    eye = torch.eye(num_units, dtype=torch.bool, device=u.device)
+    pair_mask = (valid.unsqueeze(2) & valid.unsqueeze(1) & ~eye).to(dtype)
+    if metric == "cosine":
+        u_hat = u / u.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+        distance = 1.0 - u_hat @ u_hat.transpose(1, 2)
+    else:
+        distance = _euclidean_norms(u.unsqueeze(2) - u.unsqueeze(1))
+        n_pairs = pair_mask.sum(dim=(1, 2), keepdim=True)
+        mean = (distance * pair_mask).sum(dim=(1, 2), keepdim=True) / n_pairs.clamp_min(1.0)
+        distance = distance / mean.where(mean > 0, torch.ones_like(mean))
+    return distance * pair_mask
+
+
+def structural_loss(
+    student_units: Tensor,
+    teacher_units: Tensor,
+    span_weights: Tensor,
+    span_mask: Tensor,
+    metric: str = "cosine",
+    reduction: str = "mean",
+) -> Tensor:
+    """Dynamic Structural Alignment loss for one layer pair (Eq. 10–11), float32.
+
+    Per example ``L = Σ_{i≠j, v_i v_j} p_i p_j (D^S_ij − D^T_ij)²`` over ordered pairs; 0 with fewer
+    than two valid units. ``reduction``: ``mean`` over examples, ``sum``, or ``none`` ([B]).
+    """
+    check_structural_loss_args(
+        student_units, teacher_units, span_weights, span_mask, metric, reduction
+    )
+    dtype = _compute_dtype(student_units, teacher_units, span_weights)
+    d_student = pairwise_distance(student_units.to(dtype), span_mask, metric)
+    d_teacher = pairwise_distance(teacher_units.to(dtype), span_mask, metric)
+    p = span_weights.to(dtype) * span_mask.to(dtype)
+    pair_weight = p.unsqueeze(2) * p.unsqueeze(1)
+    per_example = (pair_weight * (d_student - d_teacher).pow(2)).sum(dim=(1, 2))
+    return reduce_loss(per_example, reduction)
+
+
+def hidden_alignment_loss(
+    student_hidden: Tensor,
+    teacher_hidden: Tensor,
+    token_weights: Tensor,
+    token_mask: Tensor,
+    reduction: str = "mean",
+) -> Tensor:
+    """Hidden Representation Alignment loss for one layer pair (Eq. 13), float32.
+
+    Per example ``L = Σ_t w_t c_t (1 − cos(H̃^S_t, H^T_t))`` on already projected student states,
+    ``cos(x, y) = ⟨x, y⟩ / (max(‖x‖, 1e-8) max(‖y‖, 1e-8))``, ``c_t = token_mask``.
+    """
+    check_hidden_alignment_args(
+        student_hidden, teacher_hidden, token_weights, token_mask, reduction
+    )
+    dtype = _compute_dtype(student_hidden, teacher_hidden, token_weights)
+    s = student_hidden.to(dtype)
+    t = teacher_hidden.to(dtype)
+    dot = (s * t).sum(dim=-1)
+    s_norm = s.norm(dim=-1).clamp_min(STD_EPS)
+    t_norm = t.norm(dim=-1).clamp_min(STD_EPS)
+    cosine = dot / (s_norm * t_norm)
+    weight = token_weights.to(dtype) * token_mask.to(dtype)
+    per_example = (weight * (1.0 - cosine)).sum(dim=-1)
+    return reduce_loss(per_example, reduction)

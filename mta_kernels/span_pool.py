@@ -1,0 +1,434 @@
+"""Weighted span pooling (Eq. 8) and span weights (Eq. 9) on CSR-like token ranges.
+
+Forward: one program per (span, d-block) sums its own token range — no K×T membership matrix.
+Backward: one program per (token block, d-block) gathers the gradients of the spans covering its
+tokens. Spans are sorted by start once (``_SpanIndex``), so a token block only visits the spans
+``[k_lo, k_hi)`` that can reach it (``k_hi``: spans starting before the block ends; ``k_lo``: first
+span whose running maximum end passes the block start). Each output element is written by exactly
+one program: the backward is deterministic, without atomics, and correct for overlapping spans.
+"""
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from mta_kernels import reference
+from mta_kernels._common import INTERPRETER, block_size, contiguous, empty_output, use_triton
+from mta_kernels._validation import DENOM_EPS, check_span_pool_args, check_span_weights_args
+
+# Token-block height of the backward gather; the span index is built for this block size.
+_GATHER_BLOCK_T = 16 if INTERPRETER else 32
+
+
+@triton.jit
+def _span_sum_kernel(
+    h_ptr,  # [B, T, D] values to pool
+    w_ptr,  # [B, T] token weights (unused without HAS_WEIGHTS)
+    starts_ptr,
+    ends_ptr,  # [B, K] int32 ranges, invalid spans empty
+    out_ptr,  # [B, K, D] fp32
+    wsum_ptr,  # [B, K] fp32 Σ_{t∈span} w_t (count without weights)
+    T,
+    K,
+    D,
+    eps,
+    HAS_WEIGHTS: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """``out_k = Σ_{t∈[s_k,e_k)} w_t H_t`` (divided by ``max(Σ w_t, eps)`` when NORMALIZE)."""
+    span = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    batch = span // K
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    start = tl.load(starts_ptr + span)
+    end = tl.load(ends_ptr + span)
+    acc = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
+    weight_acc = tl.zeros((BLOCK_T,), tl.float32)
+    for t0 in range(start, end, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        in_span = offs_t < end
+        rows = (batch * T + offs_t).to(tl.int64)
+        h = tl.load(
+            h_ptr + rows[:, None] * D + offs_d[None, :],
+            mask=in_span[:, None] & (offs_d[None, :] < D),
+            other=0.0,
+        ).to(tl.float32)
+        if HAS_WEIGHTS:
+            w = tl.load(w_ptr + rows, mask=in_span, other=0.0).to(tl.float32)
+        else:
+            w = tl.where(in_span, 1.0, 0.0)
+        acc += h * w[:, None]
+        weight_acc += w
+    total = tl.sum(weight_acc, axis=0)
+    pooled = tl.sum(acc, axis=0)
+    if NORMALIZE:
+        pooled = pooled / tl.maximum(total, eps)
+    tl.store(out_ptr + span * D + offs_d, pooled, mask=offs_d < D)
+    if pid_d == 0:
+        tl.store(wsum_ptr + span, total)
+
+
+@triton.jit
+def _span_gather_kernel(
+    g_ptr,  # [B, K, D] per-span gradients
+    scale_ptr,  # [B, K] fp32 per-span factor (unused without HAS_SCALE)
+    w_ptr,  # [B, T] token weights (unused without HAS_WEIGHTS)
+    h_ptr,  # [B, T, D] forward values (unused without WITH_DOT)
+    order_ptr,
+    sorted_starts_ptr,
+    sorted_ends_ptr,  # [B, K] int32, sorted by start
+    k_lo_ptr,
+    k_hi_ptr,  # [B, n_blocks] int32 candidate span range per token block
+    out_ptr,  # [B, T, D] w_t Σ_{k∋t} scale_k g_k
+    dot_ptr,  # [n_dblocks, B·T] fp32 partial ⟨Σ_{k∋t} scale_k g_k, H_t⟩ (WITH_DOT)
+    T,
+    K,
+    D,
+    n_blocks,
+    n_rows,
+    HAS_SCALE: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
+    WITH_DOT: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Adjoint of :func:`_span_sum_kernel`: every token gathers the spans that contain it."""
+    pid_t = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    batch = (pid_t // n_blocks).to(tl.int64)
+    offs_t = (pid_t % n_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    k_lo = tl.load(k_lo_ptr + pid_t)
+    k_hi = tl.load(k_hi_ptr + pid_t)
+    acc = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
+    for j in range(k_lo, k_hi):
+        span = batch * K + tl.load(order_ptr + batch * K + j)
+        start = tl.load(sorted_starts_ptr + batch * K + j)
+        end = tl.load(sorted_ends_ptr + batch * K + j)
+        g = tl.load(g_ptr + span * D + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            g = g * tl.load(scale_ptr + span)
+        member = (offs_t >= start) & (offs_t < end)
+        acc += tl.where(member[:, None], g[None, :], 0.0)
+    rows = (batch * T + offs_t).to(tl.int64)
+    tile_mask = (offs_t[:, None] < T) & (offs_d[None, :] < D)
+    if WITH_DOT:
+        h = tl.load(h_ptr + rows[:, None] * D + offs_d[None, :], mask=tile_mask, other=0.0).to(
+            tl.float32
+        )
+        tl.store(
+            dot_ptr + pid_d.to(tl.int64) * n_rows + rows, tl.sum(acc * h, axis=1), mask=offs_t < T
+        )
+    if HAS_WEIGHTS:
+        acc = acc * tl.load(w_ptr + rows, mask=offs_t < T, other=0.0).to(tl.float32)[:, None]
+    tl.store(
+        out_ptr + rows[:, None] * D + offs_d[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=tile_mask,
+    )
+
+
+class _SpanIndex(NamedTuple):
+    """Span ranges prepared for the kernels (all int32, invalid spans made empty at 0)."""
+
+    starts: Tensor  # [B, K] in the caller's order
+    ends: Tensor  # [B, K]
+    order: Tensor  # [B, K] span indices sorted by start
+    sorted_starts: Tensor  # [B, K]
+    sorted_ends: Tensor  # [B, K]
+    k_lo: Tensor  # [B, n_blocks] first sorted span that can reach the token block
+    k_hi: Tensor  # [B, n_blocks] one past the last one
+
+
+def _span_index(spans: Tensor, span_mask: Tensor, num_tokens: int) -> _SpanIndex:
+    """Sort spans by start and find each token block's candidate spans (plain torch ops).
+
+    Ranges are clamped into ``[0, T]`` as a guard for ``torch.compile``d callers, where the eager
+    range check is skipped: a bad span can give a wrong value but never an illegal access.
+    """
+    valid = span_mask.bool()
+    starts = torch.where(valid, spans[..., 0], 0).clamp(0, num_tokens).to(torch.int32)
+    ends = torch.where(valid, spans[..., 1], 0).clamp(0, num_tokens).to(torch.int32)
+    ends = torch.maximum(starts, ends)
+    sorted_starts, order = torch.sort(starts, dim=-1, stable=True)
+    sorted_ends = torch.gather(ends, -1, order)
+    reach = torch.cummax(sorted_ends, dim=-1).values
+    block_starts = torch.arange(
+        0, num_tokens, _GATHER_BLOCK_T, device=spans.device, dtype=torch.int32
+    )
+    block_ends = (block_starts + _GATHER_BLOCK_T).clamp_max(num_tokens)
+    batch = spans.shape[0]
+    k_hi = torch.searchsorted(sorted_starts, block_ends.expand(batch, -1).contiguous())
+    k_lo = torch.searchsorted(reach, block_starts.expand(batch, -1).contiguous(), right=True)
+    return _SpanIndex(
+        starts.contiguous(),
+        ends.contiguous(),
+        order.to(torch.int32).contiguous(),
+        sorted_starts.contiguous(),
+        sorted_ends.contiguous(),
+        k_lo.to(torch.int32).contiguous(),
+        torch.maximum(k_lo, k_hi).to(torch.int32).contiguous(),
+    )
+
+
+@torch.library.custom_op("mta::span_sum", mutates_args=())
+def _span_sum(
+    values: Tensor, starts: Tensor, ends: Tensor, weights: Tensor | None, normalize: bool
+) -> tuple[Tensor, Tensor]:
+    """Launch :func:`_span_sum_kernel`: (pooled [B, K, D] fp32, weight sums [B, K] fp32)."""
+    values = contiguous(values)
+    batch, num_tokens, width = values.shape
+    num_spans = starts.shape[1]
+    out = empty_output(batch, num_spans, width, dtype=torch.float32, device=values.device)
+    weight_sum = empty_output(batch, num_spans, dtype=torch.float32, device=values.device)
+    if out.numel() == 0:
+        return out.zero_(), weight_sum.zero_()
+    block_d = block_size(width, 128 if INTERPRETER else 256, floor=1)
+    block_t = 16 if INTERPRETER else 8
+    _span_sum_kernel[(batch * num_spans, triton.cdiv(width, block_d))](
+        values,
+        weights if weights is not None else values,
+        starts,
+        ends,
+        out,
+        weight_sum,
+        num_tokens,
+        num_spans,
+        width,
+        DENOM_EPS,
+        HAS_WEIGHTS=weights is not None,
+        NORMALIZE=normalize,
+        BLOCK_T=block_t,
+        BLOCK_D=block_d,
+    )
+    return out, weight_sum
+
+
+@_span_sum.register_fake
+def _(values, starts, ends, weights, normalize):
+    shape = (values.shape[0], starts.shape[1])
+    return (
+        values.new_empty(*shape, values.shape[2], dtype=torch.float32),
+        values.new_empty(shape, dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("mta::span_gather", mutates_args=())
+def _span_gather(
+    grads: Tensor,
+    order: Tensor,
+    sorted_starts: Tensor,
+    sorted_ends: Tensor,
+    k_lo: Tensor,
+    k_hi: Tensor,
+    num_tokens: int,
+    out_dtype: torch.dtype,
+    scale: Tensor | None,
+    weights: Tensor | None,
+    dot_with: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """Launch :func:`_span_gather_kernel`: ``w_t Σ_{k∋t} scale_k g_k`` [B, T, D] and, with
+    ``dot_with`` = H, ``⟨Σ_{k∋t} scale_k g_k, H_t⟩`` [B, T] fp32 (else an empty tensor)."""
+    grads = contiguous(grads)
+    batch, num_spans, width = grads.shape
+    out = empty_output(batch, num_tokens, width, dtype=out_dtype, device=grads.device)
+    block_d = block_size(width, 64 if INTERPRETER else 128, floor=1)
+    n_dblocks = triton.cdiv(width, block_d)
+    if dot_with is None:
+        dots = grads.new_empty(0, dtype=torch.float32)
+    else:
+        dots = empty_output(n_dblocks, batch * num_tokens, dtype=torch.float32, device=grads.device)
+    if out.numel() == 0:
+        return out.zero_(), dots.new_zeros(batch, num_tokens) if dot_with is not None else dots
+    n_blocks = k_lo.shape[1]
+    _span_gather_kernel[(batch * n_blocks, n_dblocks)](
+        grads,
+        scale if scale is not None else grads,
+        weights if weights is not None else grads,
+        dot_with if dot_with is not None else grads,
+        order,
+        sorted_starts,
+        sorted_ends,
+        k_lo,
+        k_hi,
+        out,
+        dots if dot_with is not None else grads,
+        num_tokens,
+        num_spans,
+        width,
+        n_blocks,
+        batch * num_tokens,
+        HAS_SCALE=scale is not None,
+        HAS_WEIGHTS=weights is not None,
+        WITH_DOT=dot_with is not None,
+        BLOCK_T=_GATHER_BLOCK_T,
+        BLOCK_D=block_d,
+    )
+    return out, dots.sum(0).view(batch, num_tokens) if dot_with is not None else dots
+
+
+@_span_gather.register_fake
+def _(
+    grads,
+    order,
+    sorted_starts,
+    sorted_ends,
+    k_lo,
+    k_hi,
+    num_tokens,
+    out_dtype,
+    scale,
+    weights,
+    dot_with,
+):
+    batch, _, width = grads.shape
+    out = grads.new_empty(batch, num_tokens, width, dtype=out_dtype)
+    if dot_with is None:
+        return out, grads.new_empty(0, dtype=torch.float32)
+    return out, grads.new_empty(batch, num_tokens, dtype=torch.float32)
+
+
+def _gather(
+    grads: Tensor,
+    index: _SpanIndex,
+    num_tokens: int,
+    out_dtype: torch.dtype,
+    scale: Tensor | None = None,
+    weights: Tensor | None = None,
+    dot_with: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    return _span_gather(
+        grads,
+        index.order,
+        index.sorted_starts,
+        index.sorted_ends,
+        index.k_lo,
+        index.k_hi,
+        num_tokens,
+        out_dtype,
+        scale,
+        weights,
+        dot_with,
+    )
+
+
+class SpanPoolFunction(torch.autograd.Function):
+    """``U = span_pool(H, spans, mask, w)`` with hand-written backward for ``H`` and ``w``."""
+
+    @staticmethod
+    def forward(
+        ctx, hidden: Tensor, spans: Tensor, span_mask: Tensor, token_weights: Tensor | None
+    ) -> Tensor:
+        hidden = contiguous(hidden)
+        weights = None if token_weights is None else contiguous(token_weights)
+        index = _span_index(spans, span_mask, hidden.shape[1])
+        pooled, weight_sum = _span_sum(hidden, index.starts, index.ends, weights, True)
+        ctx.save_for_backward(hidden, weights, weight_sum, pooled, *index)
+        return pooled
+
+    @staticmethod
+    def backward(ctx, grad_pooled: Tensor):
+        hidden, weights, weight_sum, pooled, *index_tensors = ctx.saved_tensors
+        index = _SpanIndex(*index_tensors)
+        need_hidden, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+        grad_pooled = contiguous(grad_pooled.float())
+        inv_denominator = 1.0 / weight_sum.clamp_min(DENOM_EPS)
+        grad_hidden, token_dots = _gather(
+            grad_pooled,
+            index,
+            hidden.shape[1],
+            hidden.dtype,
+            scale=inv_denominator,
+            weights=weights,
+            dot_with=hidden if need_weights else None,
+        )
+        grad_weights = None
+        if need_weights:
+            # dU_k/dw_t = (H_t − [Σw > eps] U_k) / max(Σw, eps) for t in span k.
+            unclamped = (weight_sum > DENOM_EPS).float()
+            centre = (grad_pooled * pooled).sum(-1) * inv_denominator * unclamped
+            centre_sum, _ = _gather(centre.unsqueeze(-1), index, hidden.shape[1], torch.float32)
+            grad_weights = (token_dots - centre_sum.squeeze(-1)).to(weights.dtype)
+        return (grad_hidden if need_hidden else None), None, None, grad_weights
+
+
+class SpanWeightsFunction(torch.autograd.Function):
+    """``p = span_weights(w, spans, mask)`` with hand-written backward for ``w``."""
+
+    @staticmethod
+    def forward(ctx, token_weights: Tensor, spans: Tensor, span_mask: Tensor) -> Tensor:
+        weights = contiguous(token_weights)
+        index = _span_index(spans, span_mask, weights.shape[1])
+        raw, _ = _span_sum(weights.unsqueeze(-1), index.starts, index.ends, None, False)
+        raw = raw.squeeze(-1)
+        total = raw.sum(-1, keepdim=True)
+        probs = raw / total.clamp_min(DENOM_EPS)
+        ctx.save_for_backward(total, probs, *index)
+        ctx.weights_dtype = weights.dtype
+        ctx.num_tokens = weights.shape[1]
+        return probs
+
+    @staticmethod
+    def backward(ctx, grad_probs: Tensor):
+        total, probs, *index_tensors = ctx.saved_tensors
+        grad_probs = grad_probs.float()
+        # p_k = r_k / max(Z, eps), Z = Σ r_j  =>
+        # dL/dr_k = (g_k − [Z > eps] Σ_j g_j p_j) / max(Z, eps)
+        coupled = (grad_probs * probs).sum(-1, keepdim=True) * (total > DENOM_EPS).float()
+        grad_raw = (grad_probs - coupled) / total.clamp_min(DENOM_EPS)
+        grad_weights, _ = _gather(
+            grad_raw.unsqueeze(-1), _SpanIndex(*index_tensors), ctx.num_tokens, ctx.weights_dtype
+        )
+        return grad_weights.squeeze(-1), None, None
+
+
+def span_pool(
+    hidden: Tensor, spans: Tensor, span_mask: Tensor, token_weights: Tensor | None = None
+) -> Tensor:
+    """Weighted mean of the hidden states of each span (Eq. 8): [B, K, d] float32.
+
+    ``U_k = Σ_{t∈[s_k,e_k)} w_t H_t / max(Σ_{t∈span} w_t, 1e-8)``; ``U_k = 0`` for invalid or empty
+    spans; a plain mean when ``token_weights`` is None.
+
+    Args:
+        hidden: [B, T, d] fp32/bf16/fp16, any strides.
+        spans: [B, K, 2] int64/int32 half-open token ranges ``[start, end)`` within ``[0, T]``.
+        span_mask: [B, K] bool/int, False for padding spans (their ranges are ignored).
+        token_weights: optional [B, T] float weights (the teacher's token importance).
+
+    Differentiable w.r.t. ``hidden`` and ``token_weights``; the backward is deterministic.
+
+    Example::
+
+        >>> h = torch.arange(12.0).view(1, 4, 3)
+        >>> span_pool(h, torch.tensor([[[0, 2], [3, 4]]]), torch.tensor([[True, True]]))
+        tensor([[[ 1.5000,  2.5000,  3.5000],
+                 [ 9.0000, 10.0000, 11.0000]]])
+    """
+    if not use_triton(hidden, token_weights):
+        return reference.span_pool(hidden, spans, span_mask, token_weights)
+    check_span_pool_args(hidden, spans, span_mask, token_weights)
+    return SpanPoolFunction.apply(hidden, spans, span_mask, token_weights)
+
+
+def span_weights(token_weights: Tensor, spans: Tensor, span_mask: Tensor) -> Tensor:
+    """Normalized span weights (Eq. 9): [B, K] float32.
+
+    ``p̃_k = Σ_{t∈span k} w_t`` and ``p_k = v_k p̃_k / max(Σ_j v_j p̃_j, 1e-8)``; each example's
+    weights sum to 1 (or are all 0). Differentiable w.r.t. ``token_weights``.
+
+    Example::
+
+        >>> w = torch.tensor([[0.1, 0.2, 0.3, 0.4]])
+        >>> span_weights(w, torch.tensor([[[0, 2], [2, 3]]]), torch.tensor([[True, True]]))
+        tensor([[0.5000, 0.5000]])
+    """
+    if not use_triton(token_weights):
+        return reference.span_weights(token_weights, spans, span_mask)
+    check_span_weights_args(token_weights, spans, span_mask)
+    return SpanWeightsFunction.apply(token_weights, spans, span_mask)

@@ -1,0 +1,567 @@
+"""Fused Dynamic Structural Alignment loss (Eq. 10–11) without any K×K matrix.
+
+Per example ``L = Σ_{ij} W_ij E_ij²`` with ``W_ij = p_i p_j V_ij`` (``V_ij = v_i v_j [i ≠ j]``) and
+``E = D^S − D^T``. Cosine: ``E = Ĝ^T − Ĝ^S`` from Gram tiles of the normalized units. Euclidean:
+``E = r^S/μ_S − r^T/μ_T``, the means ``μ`` coming from a first pass over the same tiles.
+
+Forward: one program per upper-triangular tile pair (``i-block ≤ j-block``; off-diagonal pairs
+count twice by symmetry) writes partial sums that are reduced in a fixed order. Backward: one
+program per row block recomputes its tiles for every column block and accumulates its own rows of
+the fp32 gradient buffers (see :mod:`mta_kernels.pairwise_distance`); only the inputs that require
+grad are computed. Memory beyond the inputs: O(B·K·d) gradient buffers and O(B·(K/BLOCK)²)
+partial sums.
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from mta_kernels import reference
+from mta_kernels._common import (
+    contiguous,
+    dot_precision,
+    empty_output,
+    row_normalize_backward,
+    use_triton,
+)
+from mta_kernels._validation import check_structural_loss_args
+from mta_kernels.pairwise_distance import (
+    METRIC_IDS,
+    accumulate_rows,
+    metric_rows,
+    pair_mask,
+    pair_tile,
+    tile_sizes,
+    valid_pair_count,
+)
+
+# Forward stages: the euclidean metric needs the mean distances before the loss.
+_STAGE_MEANS, _STAGE_LOSS = 0, 1
+
+
+@triton.jit
+def _error_tile(
+    student_ptr,
+    teacher_ptr,
+    inv_mean_ptr,
+    batch,
+    offs_i,
+    offs_j,
+    K,
+    D_S,
+    D_T,
+    METRIC: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_D_S: tl.constexpr,
+    BLOCK_D_T: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """(E = D^S − D^T, student tile, teacher tile) for one tile; raw tiles as in ``pair_tile``."""
+    student = pair_tile(
+        student_ptr + batch * K * D_S,
+        offs_i,
+        offs_j,
+        K,
+        D_S,
+        METRIC,
+        BLOCK_I,
+        BLOCK_J,
+        BLOCK_D_S,
+        PRECISION,
+    )
+    teacher = pair_tile(
+        teacher_ptr + batch * K * D_T,
+        offs_i,
+        offs_j,
+        K,
+        D_T,
+        METRIC,
+        BLOCK_I,
+        BLOCK_J,
+        BLOCK_D_T,
+        PRECISION,
+    )
+    if METRIC == 0:
+        error = teacher - student
+    else:
+        error = student * tl.load(inv_mean_ptr + 2 * batch) - teacher * tl.load(
+            inv_mean_ptr + 2 * batch + 1
+        )
+    return error, student, teacher
+
+
+@triton.jit
+def _structural_fwd_kernel(
+    student_ptr,
+    teacher_ptr,  # [B, K, D_S], [B, K, D_T]: normalized (cosine) or raw (euclidean)
+    weight_ptr,  # [B, K] fp32 span weights p, zero on invalid spans
+    valid_ptr,  # [B, K] int32
+    tile_pairs_ptr,  # [n_pairs, 2] int32 (i-block, j-block) with i-block <= j-block
+    inv_mean_ptr,  # [B, 2] fp32 (1/μ_S, 1/μ_T), euclidean loss stage
+    partial_ptr,  # [B, n_pairs, 3] fp32
+    K,
+    D_S,
+    D_T,
+    METRIC: tl.constexpr,
+    STAGE: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_D_S: tl.constexpr,
+    BLOCK_D_T: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Partial sums of one tile pair. Means stage: (Σ V r^S, Σ V r^T, 0). Loss stage:
+    (Σ W E², Σ 2 W E D^S, Σ 2 W E D^T), the last two only needed by the euclidean backward."""
+    pid, batch = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    block_i = tl.load(tile_pairs_ptr + 2 * pid)
+    block_j = tl.load(tile_pairs_ptr + 2 * pid + 1)
+    offs_i = block_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_j = block_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    error, student, teacher = _error_tile(
+        student_ptr,
+        teacher_ptr,
+        inv_mean_ptr,
+        batch,
+        offs_i,
+        offs_j,
+        K,
+        D_S,
+        D_T,
+        METRIC,
+        BLOCK_I,
+        BLOCK_J,
+        BLOCK_D_S,
+        BLOCK_D_T,
+        PRECISION,
+    )
+    valid = pair_mask(valid_ptr + batch * K, offs_i, offs_j, K)
+    symmetry = tl.where(block_i == block_j, 1.0, 2.0)
+    out = partial_ptr + (batch * tl.num_programs(0) + pid) * 3
+    if STAGE == 0:
+        tl.store(out, symmetry * tl.sum(tl.sum(tl.where(valid, student, 0.0), axis=1), axis=0))
+        tl.store(out + 1, symmetry * tl.sum(tl.sum(tl.where(valid, teacher, 0.0), axis=1), axis=0))
+        tl.store(out + 2, 0.0)
+    else:
+        p_i = tl.load(weight_ptr + batch * K + offs_i, mask=offs_i < K, other=0.0)
+        p_j = tl.load(weight_ptr + batch * K + offs_j, mask=offs_j < K, other=0.0)
+        weighted_error = tl.where(valid, p_i[:, None] * p_j[None, :] * error, 0.0)
+        tl.store(out, symmetry * tl.sum(tl.sum(weighted_error * error, axis=1), axis=0))
+        if METRIC == 1:
+            inv_mean_s = tl.load(inv_mean_ptr + 2 * batch)
+            inv_mean_t = tl.load(inv_mean_ptr + 2 * batch + 1)
+            tl.store(
+                out + 1,
+                2.0
+                * symmetry
+                * inv_mean_s
+                * tl.sum(tl.sum(weighted_error * student, axis=1), axis=0),
+            )
+            tl.store(
+                out + 2,
+                2.0
+                * symmetry
+                * inv_mean_t
+                * tl.sum(tl.sum(weighted_error * teacher, axis=1), axis=0),
+            )
+        else:
+            tl.store(out + 1, 0.0)
+            tl.store(out + 2, 0.0)
+
+
+@triton.jit
+def _structural_bwd_kernel(
+    student_ptr,
+    teacher_ptr,
+    weight_ptr,
+    valid_ptr,
+    inv_mean_ptr,
+    coupling_ptr,  # [B, 2] fp32 (a_S, a_T) = Σ 2 W E D / N_pairs (euclidean)
+    scale_ptr,  # [B] fp32 dL/dL_b
+    grad_student_ptr,
+    grad_teacher_ptr,  # [B, K, D] fp32 zero-initialized rows
+    grad_weight_ptr,  # [B, K] fp32
+    K,
+    D_S,
+    D_T,
+    METRIC: tl.constexpr,
+    NEED_STUDENT: tl.constexpr,
+    NEED_TEACHER: tl.constexpr,
+    NEED_WEIGHTS: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_D_S: tl.constexpr,
+    BLOCK_D_T: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Row block ``i`` against every column block ``j``.
+
+    Cosine: ``gÛ^S_i = −4 Σ_j W_ij E_ij Û^S_j`` and ``gÛ^T_i = +4 Σ_j W_ij E_ij Û^T_j``.
+    Euclidean: ``gU^S_i = Σ_j C_ij (U^S_i − U^S_j)``, ``C_ij = 2 (2 W E − a_S V)_ij / (μ_S r^S_ij)``
+    and the teacher's with the opposite sign. Both: ``gp_i = 2 Σ_j p_j V_ij E_ij²``. All × scale_b.
+    """
+    pid_i, batch = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    scale = tl.load(scale_ptr + batch)
+    p_i = tl.load(weight_ptr + batch * K + offs_i, mask=offs_i < K, other=0.0)
+    grad_p = tl.zeros((BLOCK_I,), tl.float32)
+    for j0 in range(0, K, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        error, student, teacher = _error_tile(
+            student_ptr,
+            teacher_ptr,
+            inv_mean_ptr,
+            batch,
+            offs_i,
+            offs_j,
+            K,
+            D_S,
+            D_T,
+            METRIC,
+            BLOCK_I,
+            BLOCK_J,
+            BLOCK_D_S,
+            BLOCK_D_T,
+            PRECISION,
+        )
+        valid = pair_mask(valid_ptr + batch * K, offs_i, offs_j, K)
+        p_j = tl.load(weight_ptr + batch * K + offs_j, mask=offs_j < K, other=0.0)
+        if NEED_WEIGHTS:
+            grad_p += (
+                2.0 * scale * tl.sum(tl.where(valid, p_j[None, :] * error * error, 0.0), axis=1)
+            )
+        weighted_error = tl.where(valid, p_i[:, None] * p_j[None, :] * error, 0.0)
+        if NEED_STUDENT:
+            if METRIC == 0:
+                coef = -4.0 * scale * weighted_error
+            else:
+                inv_mean = tl.load(inv_mean_ptr + 2 * batch)
+                dloss = (
+                    2.0 * weighted_error - tl.where(valid, tl.load(coupling_ptr + 2 * batch), 0.0)
+                ) * inv_mean
+                positive = valid & (student > 0)
+                coef = tl.where(
+                    positive, 2.0 * scale * dloss / tl.where(positive, student, 1.0), 0.0
+                )
+            accumulate_rows(
+                grad_student_ptr + batch * K * D_S,
+                student_ptr + batch * K * D_S,
+                coef,
+                offs_i,
+                offs_j,
+                K,
+                D_S,
+                METRIC,
+                BLOCK_I,
+                BLOCK_J,
+                BLOCK_D_S,
+                PRECISION,
+            )
+        if NEED_TEACHER:
+            if METRIC == 0:
+                coef = 4.0 * scale * weighted_error
+            else:
+                inv_mean = tl.load(inv_mean_ptr + 2 * batch + 1)
+                dloss = (
+                    -(
+                        2.0 * weighted_error
+                        - tl.where(valid, tl.load(coupling_ptr + 2 * batch + 1), 0.0)
+                    )
+                    * inv_mean
+                )
+                positive = valid & (teacher > 0)
+                coef = tl.where(
+                    positive, 2.0 * scale * dloss / tl.where(positive, teacher, 1.0), 0.0
+                )
+            accumulate_rows(
+                grad_teacher_ptr + batch * K * D_T,
+                teacher_ptr + batch * K * D_T,
+                coef,
+                offs_i,
+                offs_j,
+                K,
+                D_T,
+                METRIC,
+                BLOCK_I,
+                BLOCK_J,
+                BLOCK_D_T,
+                PRECISION,
+            )
+    if NEED_WEIGHTS:
+        tl.store(grad_weight_ptr + batch * K + offs_i, grad_p, mask=offs_i < K)
+
+
+@functools.lru_cache(maxsize=64)
+def _upper_tile_pairs(n_blocks: int, device: torch.device) -> Tensor:
+    """(i-block, j-block) pairs with i-block <= j-block: [n(n+1)/2, 2] int32."""
+    pairs = torch.triu_indices(n_blocks, n_blocks)
+    return pairs.t().to(device=device, dtype=torch.int32).contiguous()
+
+
+def _meta(metric: str, width_student: int, width_teacher: int) -> dict[str, int | str]:
+    student, teacher = tile_sizes(metric, width_student), tile_sizes(metric, width_teacher)
+    return dict(
+        BLOCK_I=student["BLOCK_I"],
+        BLOCK_J=student["BLOCK_J"],
+        BLOCK_D_S=student["BLOCK_D"],
+        BLOCK_D_T=teacher["BLOCK_D"],
+        PRECISION=dot_precision(),
+        METRIC=METRIC_IDS[metric],
+    )
+
+
+@torch.library.custom_op("mta::structural_loss_forward", mutates_args=())
+def _structural_forward(
+    student_rows: Tensor,
+    teacher_rows: Tensor,
+    weights: Tensor,
+    valid: Tensor,
+    n_pairs: Tensor,
+    metric: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Both forward stages: (per-example loss [B], 1/μ [B, 2], coupling a [B, 2]), all fp32."""
+    batch, num_units, width_s = student_rows.shape
+    meta = _meta(metric, width_s, teacher_rows.shape[2])
+    device = student_rows.device
+    tile_pairs = _upper_tile_pairs(triton.cdiv(max(num_units, 1), meta["BLOCK_I"]), device)
+    partial = empty_output(batch, tile_pairs.shape[0], 3, dtype=torch.float32, device=device)
+    inv_mean = torch.ones(batch, 2, dtype=torch.float32, device=device)
+    pair_count = n_pairs.clamp_min(1.0).unsqueeze(-1)
+
+    def launch(stage: int) -> Tensor:
+        if batch * num_units == 0:
+            return partial.new_zeros(batch, 3)
+        _structural_fwd_kernel[(tile_pairs.shape[0], batch)](
+            student_rows,
+            teacher_rows,
+            weights,
+            valid,
+            tile_pairs,
+            inv_mean,
+            partial,
+            num_units,
+            width_s,
+            teacher_rows.shape[2],
+            STAGE=stage,
+            **meta,
+        )
+        return partial.sum(1)
+
+    if metric == "euclidean":
+        means = launch(_STAGE_MEANS)[:, :2] / pair_count
+        inv_mean = torch.where(means > 0, 1.0 / means, inv_mean).contiguous()
+    sums = launch(_STAGE_LOSS)
+    return sums[:, 0].contiguous(), inv_mean, (sums[:, 1:] / pair_count).contiguous()
+
+
+@_structural_forward.register_fake
+def _(student_rows, teacher_rows, weights, valid, n_pairs, metric):
+    batch = student_rows.shape[0]
+    return (
+        student_rows.new_empty(batch, dtype=torch.float32),
+        student_rows.new_empty(batch, 2, dtype=torch.float32),
+        student_rows.new_empty(batch, 2, dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("mta::structural_loss_backward", mutates_args=())
+def _structural_backward(
+    student_rows: Tensor,
+    teacher_rows: Tensor,
+    weights: Tensor,
+    valid: Tensor,
+    inv_mean: Tensor,
+    coupling: Tensor,
+    grad_loss: Tensor,
+    metric: str,
+    need_student: bool,
+    need_teacher: bool,
+    need_weights: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Launch :func:`_structural_bwd_kernel`: fp32 gradients w.r.t. the student rows, the
+    teacher rows and ``p`` (an empty tensor for each one not needed)."""
+    batch, num_units, width_s = student_rows.shape
+    width_t = teacher_rows.shape[2]
+    meta = _meta(metric, width_s, width_t)
+    device = student_rows.device
+
+    def buffer(needed: bool, *shape: int) -> Tensor:
+        return torch.zeros(*shape if needed else (0,), dtype=torch.float32, device=device)
+
+    grad_student = buffer(need_student, batch, num_units, width_s)
+    grad_teacher = buffer(need_teacher, batch, num_units, width_t)
+    grad_weights = buffer(need_weights, batch, num_units)
+    if batch * num_units > 0:
+        _structural_bwd_kernel[(triton.cdiv(num_units, meta["BLOCK_I"]), batch)](
+            student_rows,
+            teacher_rows,
+            weights,
+            valid,
+            inv_mean,
+            coupling,
+            contiguous(grad_loss.float()),
+            grad_student,
+            grad_teacher,
+            grad_weights,
+            num_units,
+            width_s,
+            width_t,
+            NEED_STUDENT=need_student,
+            NEED_TEACHER=need_teacher,
+            NEED_WEIGHTS=need_weights,
+            **meta,
+        )
+    return grad_student, grad_teacher, grad_weights
+
+
+@_structural_backward.register_fake
+def _(
+    student_rows,
+    teacher_rows,
+    weights,
+    valid,
+    inv_mean,
+    coupling,
+    grad_loss,
+    metric,
+    need_student,
+    need_teacher,
+    need_weights,
+):
+    def buffer(needed: bool, *shape: int) -> Tensor:
+        return student_rows.new_empty(*shape if needed else (0,), dtype=torch.float32)
+
+    batch, num_units, width_s = student_rows.shape
+    return (
+        buffer(need_student, batch, num_units, width_s),
+        buffer(need_teacher, batch, num_units, teacher_rows.shape[2]),
+        buffer(need_weights, batch, num_units),
+    )
+
+
+class StructuralLossFunction(torch.autograd.Function):
+    """Per-example DSA loss [B] with hand-written backward for both unit sets and ``p``."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        student_units: Tensor,
+        teacher_units: Tensor,
+        span_weights: Tensor,
+        span_mask: Tensor,
+        metric: str,
+    ) -> Tensor:
+        student_units, teacher_units = contiguous(student_units), contiguous(teacher_units)
+        valid = contiguous(span_mask.to(torch.int32))
+        weights = contiguous(span_weights.float() * valid)
+        student_rows, student_inv_norm = metric_rows(student_units, metric)
+        teacher_rows, teacher_inv_norm = metric_rows(teacher_units, metric)
+        loss, inv_mean, coupling = _structural_forward(
+            student_rows, teacher_rows, weights, valid, valid_pair_count(valid), metric
+        )
+        ctx.metric = metric
+        ctx.weights_dtype = span_weights.dtype
+        ctx.save_for_backward(
+            student_units,
+            teacher_units,
+            student_rows,
+            teacher_rows,
+            student_inv_norm,
+            teacher_inv_norm,
+            weights,
+            valid,
+            inv_mean,
+            coupling,
+        )
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        (
+            student_units,
+            teacher_units,
+            student_rows,
+            teacher_rows,
+            student_inv_norm,
+            teacher_inv_norm,
+            weights,
+            valid,
+            inv_mean,
+            coupling,
+        ) = ctx.saved_tensors
+        need_student, need_teacher, need_weights = ctx.needs_input_grad[:3]
+        if not (need_student or need_teacher or need_weights):
+            return None, None, None, None, None
+        grad_student, grad_teacher, grad_weights = _structural_backward(
+            student_rows,
+            teacher_rows,
+            weights,
+            valid,
+            inv_mean,
+            coupling,
+            grad_loss,
+            ctx.metric,
+            need_student,
+            need_teacher,
+            need_weights,
+        )
+
+        def finish(grad: Tensor, units: Tensor, inv_norm: Tensor) -> Tensor:
+            if ctx.metric == "cosine":
+                return row_normalize_backward(units, inv_norm, grad)
+            return grad.to(units.dtype)
+
+        return (
+            finish(grad_student, student_units, student_inv_norm) if need_student else None,
+            finish(grad_teacher, teacher_units, teacher_inv_norm) if need_teacher else None,
+            grad_weights.to(ctx.weights_dtype) if need_weights else None,
+            None,
+            None,
+        )
+
+
+def structural_loss(
+    student_units: Tensor,
+    teacher_units: Tensor,
+    span_weights: Tensor,
+    span_mask: Tensor,
+    metric: str = "cosine",
+    reduction: str = "mean",
+) -> Tensor:
+    """Dynamic Structural Alignment loss of one layer pair (Eq. 10–11): float32.
+
+    Per example ``L = Σ_{i≠j, v_i v_j} p_i p_j (D^S_ij − D^T_ij)²`` over ordered pairs, with ``D``
+    the :func:`~mta_kernels.pairwise_distance` of each side; 0 with fewer than two valid units.
+    The fused path never materializes a K×K matrix.
+
+    Args:
+        student_units: [B, K, d_S] fp32/bf16/fp16 pooled student units.
+        teacher_units: [B, K, d_T] pooled teacher units (``d_T`` may differ from ``d_S``).
+        span_weights: [B, K] float ``p`` (Eq. 9).
+        span_mask: [B, K] bool/int unit validity.
+        metric: ``"cosine"`` or ``"euclidean"``.
+        reduction: ``"mean"`` over examples, ``"sum"``, or ``"none"`` for a [B] tensor.
+
+    Gradients flow to whichever of the units and ``span_weights`` require grad.
+
+    Example::
+
+        >>> s, t = torch.randn(2, 6, 8), torch.randn(2, 6, 16)
+        >>> p = torch.full((2, 6), 1 / 6)
+        >>> structural_loss(s, t, p, torch.ones(2, 6, dtype=torch.bool)).shape
+        torch.Size([])
+    """
+    if not use_triton(student_units, teacher_units, span_weights):
+        return reference.structural_loss(
+            student_units, teacher_units, span_weights, span_mask, metric, reduction
+        )
+    check_structural_loss_args(
+        student_units, teacher_units, span_weights, span_mask, metric, reduction
+    )
+    per_example = StructuralLossFunction.apply(
+        student_units, teacher_units, span_weights, span_mask, metric
+    )
+    return reference.reduce_loss(per_example, reduction)

@@ -1,0 +1,251 @@
+"""Teacher token importance (Eq. 5–7) without the T×T score matrix.
+
+``w_t = (1/N) Σ_s softmax_t(Ĥ_s·Ĥ_t / √d)`` over valid rows ``s`` and valid columns ``t ≠ s``, with
+``Ĥ = H / (std(H) + 1e-8)``. Three launches, all O(B·T·d) memory:
+
+1. ``_inv_std_kernel``: ``r_t = 1 / (std(H_t) + 1e-8)`` per token (two passes over ``d``).
+2. ``_row_stats_kernel``: flash-style online softmax over key tiles → per-row max ``m_s`` and the
+   row factor ``c_s = [s valid] / (ℓ_s · N)`` (0 for rows without a valid column).
+3. ``_column_sum_kernel``: recomputes each score tile and sums ``exp(A_st − m_s) c_s`` over rows.
+
+Scores are ``r_s r_t ⟨H_s, H_t⟩ / √d``: ``tl.dot`` on the raw states (tensor cores for 16-bit input)
+with the normalization folded in afterwards. The op has no gradient (teacher side).
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from mta_kernels import reference
+from mta_kernels._common import (
+    INTERPRETER,
+    block_size,
+    contiguous,
+    dot_precision,
+    empty_output,
+    use_triton,
+)
+from mta_kernels._validation import STD_EPS, check_token_importance_args
+
+
+@triton.jit
+def _inv_std_kernel(h_ptr, mask_ptr, inv_std_ptr, D, eps, BLOCK_D: tl.constexpr):
+    """One program per token: ``1 / (std(H_t) + eps)`` (Bessel-corrected), 0 on padding."""
+    row = tl.program_id(0).to(tl.int64)
+    total = tl.zeros((BLOCK_D,), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs = d0 + tl.arange(0, BLOCK_D)
+        total += tl.load(h_ptr + row * D + offs, mask=offs < D, other=0.0).to(tl.float32)
+    mean = tl.sum(total, axis=0) / D
+    sq = tl.zeros((BLOCK_D,), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(h_ptr + row * D + offs, mask=offs < D, other=0.0).to(tl.float32)
+        centred = tl.where(offs < D, x - mean, 0.0)
+        sq += centred * centred
+    std = tl.sqrt(tl.sum(sq, axis=0) / (D - 1))
+    valid = tl.load(mask_ptr + row) != 0
+    tl.store(inv_std_ptr + row, tl.where(valid, 1.0 / (std + eps), 0.0))
+
+
+@triton.jit
+def _score_tile(
+    h_ptr,
+    inv_std_ptr,
+    mask_ptr,
+    batch,
+    offs_m,
+    offs_n,
+    T,
+    D,
+    scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Masked scores ``A[offs_m, offs_n]`` of one example: −∞ on the diagonal, padding columns and
+    out-of-range positions."""
+    base = h_ptr + batch * T * D
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        q = tl.load(
+            base + offs_m[:, None] * D + offs_d[None, :],
+            mask=(offs_m[:, None] < T) & (offs_d[None, :] < D),
+            other=0.0,
+        )
+        k = tl.load(
+            base + offs_n[:, None] * D + offs_d[None, :],
+            mask=(offs_n[:, None] < T) & (offs_d[None, :] < D),
+            other=0.0,
+        )
+        acc += tl.dot(q, tl.trans(k), input_precision=PRECISION)
+    r_m = tl.load(inv_std_ptr + batch * T + offs_m, mask=offs_m < T, other=0.0)
+    r_n = tl.load(inv_std_ptr + batch * T + offs_n, mask=offs_n < T, other=0.0)
+    col_valid = tl.load(mask_ptr + batch * T + offs_n, mask=offs_n < T, other=0) != 0
+    keep = col_valid[None, :] & (offs_m[:, None] != offs_n[None, :])
+    return tl.where(keep, acc * (r_m[:, None] * r_n[None, :] * scale), float("-inf"))
+
+
+@triton.jit
+def _row_stats_kernel(
+    h_ptr,
+    inv_std_ptr,
+    mask_ptr,
+    count_ptr,
+    row_max_ptr,
+    row_factor_ptr,
+    T,
+    D,
+    scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Online softmax over key tiles for a block of query rows: stores ``m_s`` and ``c_s``."""
+    pid_m, batch = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    row_sum = tl.zeros((BLOCK_M,), tl.float32)
+    for n0 in range(0, T, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        scores = _score_tile(
+            h_ptr,
+            inv_std_ptr,
+            mask_ptr,
+            batch,
+            offs_m,
+            offs_n,
+            T,
+            D,
+            scale,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_D,
+            PRECISION,
+        )
+        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+        # Rows with no valid column yet keep a finite reference point so exp never sees inf − inf.
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        row_sum = row_sum * tl.exp(row_max - safe_max) + tl.sum(
+            tl.exp(scores - safe_max[:, None]), axis=1
+        )
+        row_max = new_max
+    count = tl.load(count_ptr + batch)
+    row_valid = tl.load(mask_ptr + batch * T + offs_m, mask=offs_m < T, other=0) != 0
+    has_mass = row_valid & (row_sum > 0)
+    factor = tl.where(has_mass, 1.0 / tl.where(has_mass, row_sum * count, 1.0), 0.0)
+    safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
+    tl.store(row_max_ptr + batch * T + offs_m, safe_max, mask=offs_m < T)
+    tl.store(row_factor_ptr + batch * T + offs_m, factor, mask=offs_m < T)
+
+
+@triton.jit
+def _column_sum_kernel(
+    h_ptr,
+    inv_std_ptr,
+    mask_ptr,
+    row_max_ptr,
+    row_factor_ptr,
+    out_ptr,
+    T,
+    D,
+    scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """``w_t = Σ_s exp(A_st − m_s) c_s`` for a block of key columns, zero on padding."""
+    pid_n, batch = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_N,), tl.float32)
+    for m0 in range(0, T, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        scores = _score_tile(
+            h_ptr,
+            inv_std_ptr,
+            mask_ptr,
+            batch,
+            offs_m,
+            offs_n,
+            T,
+            D,
+            scale,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_D,
+            PRECISION,
+        )
+        row_max = tl.load(row_max_ptr + batch * T + offs_m, mask=offs_m < T, other=0.0)
+        factor = tl.load(row_factor_ptr + batch * T + offs_m, mask=offs_m < T, other=0.0)
+        acc += tl.sum(tl.exp(scores - row_max[:, None]) * factor[:, None], axis=0)
+    col_valid = tl.load(mask_ptr + batch * T + offs_n, mask=offs_n < T, other=0) != 0
+    tl.store(out_ptr + batch * T + offs_n, tl.where(col_valid, acc, 0.0), mask=offs_n < T)
+
+
+def _tile_sizes(num_tokens: int, width: int) -> tuple[int, int, int]:
+    cap_t, cap_d = (32, 32) if INTERPRETER else (64, 64)
+    return block_size(num_tokens, cap_t), block_size(num_tokens, cap_t), block_size(width, cap_d)
+
+
+@torch.library.custom_op("mta::token_importance", mutates_args=())
+def _token_importance_fused(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """Triton token importance on validated inputs: [B, T] float32."""
+    hidden = contiguous(hidden)
+    batch, num_tokens, width = hidden.shape
+    mask = contiguous(attention_mask.to(torch.int32))
+    out = empty_output(batch, num_tokens, dtype=torch.float32, device=hidden.device)
+    if out.numel() == 0:
+        return out
+    inv_std, row_max, row_factor = (
+        empty_output(batch, num_tokens, dtype=torch.float32, device=hidden.device) for _ in range(3)
+    )
+    count = mask.sum(dim=1, dtype=torch.float32).clamp_min(1.0)
+    block_m, block_n, block_d = _tile_sizes(num_tokens, width)
+    scale = 1.0 / math.sqrt(width)
+    _inv_std_kernel[(batch * num_tokens,)](
+        hidden, mask, inv_std, width, STD_EPS, BLOCK_D=block_size(width, 1024)
+    )
+    meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=dot_precision())
+    _row_stats_kernel[(triton.cdiv(num_tokens, block_m), batch)](
+        hidden, inv_std, mask, count, row_max, row_factor, num_tokens, width, scale, **meta
+    )
+    _column_sum_kernel[(triton.cdiv(num_tokens, block_n), batch)](
+        hidden, inv_std, mask, row_max, row_factor, out, num_tokens, width, scale, **meta
+    )
+    return out
+
+
+@_token_importance_fused.register_fake
+def _(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    return hidden.new_empty(hidden.shape[:2], dtype=torch.float32)
+
+
+def token_importance(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """Teacher token importance ``w`` (Eq. 5–7): [B, T] float32, no grad.
+
+    Args:
+        hidden: [B, T, d] fp32/bf16/fp16 hidden states of one teacher layer (any strides), d ≥ 2.
+        attention_mask: [B, T] bool or integer, 1 for real tokens.
+
+    Each example's weights sum to 1 over its valid tokens (when it has at least two) and are 0 on
+    padding. The fused path never builds the T×T score matrix.
+
+    Example::
+
+        >>> h = torch.randn(2, 5, 8)
+        >>> w = token_importance(h, torch.ones(2, 5, dtype=torch.long))
+        >>> w.shape, bool(torch.allclose(w.sum(-1), torch.ones(2)))
+        (torch.Size([2, 5]), True)
+    """
+    if not use_triton(hidden):
+        return reference.token_importance(hidden, attention_mask)
+    check_token_importance_args(hidden, attention_mask)
+    with torch.no_grad():
+        return _token_importance_fused(hidden.detach(), attention_mask)

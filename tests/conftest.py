@@ -1,0 +1,49 @@
+"""Test configuration: Triton kernels run through the interpreter when there is no GPU.
+
+``TRITON_INTERPRET`` must be set before Triton is imported, so this happens at conftest import,
+before any test module imports ``mta_kernels``.
+"""
+
+import os
+import random
+import sys
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "triton was imported before tests/conftest.py could enable its interpreter"
+        )
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import mta_kernels._common as kernel_common  # noqa: E402  (after TRITON_INTERPRET)
+
+kernel_common.POISON_OUTPUTS = True
+
+FUSED_DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device() -> str:
+    """Where the fused (Triton) path runs: CUDA if present, else CPU through the interpreter."""
+    return FUSED_DEVICE
+
+
+@pytest.fixture
+def seed() -> int:
+    """A fresh seed per test run; failures print it (``assert ..., f"seed={seed}"``)."""
+    value = random.SystemRandom().randrange(2**31)
+    torch.manual_seed(value)
+    return value

@@ -1,0 +1,118 @@
+"""Fused span pooling and span weights vs the reference."""
+
+import pytest
+import torch
+from helpers import FUSED_DTYPES, check_against_reference, random_spans, word_spans
+
+import mta_kernels as mk
+from mta_kernels import reference as ref
+
+SHAPES = [(3, 41, 37, 9), (2, 7, 1, 5), (1, 70, 130, 24)]  # (B, T, d, K)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", FUSED_DTYPES)
+@pytest.mark.parametrize("weighted", [False, True])
+def test_span_pool_matches_reference(shape, dtype, weighted, device, seed):
+    batch, num_tokens, width, num_spans = shape
+    spans, mask = random_spans(batch, num_spans, num_tokens)
+    hidden = torch.randn(batch, num_tokens, width)
+    weights = torch.rand(batch, num_tokens) if weighted else None
+    grad_args = (0, 3) if weighted else (0,)
+    check_against_reference(
+        mk.span_pool,
+        ref.span_pool,
+        [hidden, spans, mask, weights],
+        grad_args=grad_args,
+        dtype=dtype,
+        device=device,
+        seed=seed,
+    )
+
+
+def test_span_pool_word_units_strided_int32(device, seed):
+    spans, mask = word_spans(2, 33)
+    check_against_reference(
+        mk.span_pool,
+        ref.span_pool,
+        [torch.randn(2, 33, 20), spans.int(), mask.int(), torch.rand(2, 33)],
+        grad_args=(0, 3),
+        dtype=torch.float32,
+        device=device,
+        seed=seed,
+        non_contiguous=True,
+    )
+
+
+def test_span_pool_hidden_only_needs_grad(device, seed):
+    spans, mask = random_spans(2, 6, 12)
+    check_against_reference(
+        mk.span_pool,
+        ref.span_pool,
+        [torch.randn(2, 12, 8), spans, mask, torch.rand(2, 12)],
+        grad_args=(0,),
+        dtype=torch.float32,
+        device=device,
+        seed=seed,
+    )
+
+
+def test_span_pool_heavily_overlapping_spans(device, seed):
+    # Every span contains token 10: the backward gathers many spans per token block.
+    starts = torch.arange(0, 11).view(1, 11)
+    spans = torch.stack([starts, starts + 20], dim=-1).clamp_max(40)
+    mask = torch.ones(1, 11, dtype=torch.bool)
+    check_against_reference(
+        mk.span_pool,
+        ref.span_pool,
+        [torch.randn(1, 40, 9), spans, mask, torch.rand(1, 40)],
+        grad_args=(0, 3),
+        dtype=torch.float32,
+        device=device,
+        seed=seed,
+    )
+
+
+def test_span_pool_empty_batch_and_units(device):
+    hidden = torch.randn(2, 5, 4, device=device)
+    spans = torch.zeros(2, 0, 2, dtype=torch.long, device=device)
+    out = mk.span_pool(hidden, spans, torch.zeros(2, 0, dtype=torch.bool, device=device))
+    assert out.shape == (2, 0, 4)
+
+
+@pytest.mark.parametrize("dtype", FUSED_DTYPES)
+def test_span_weights_matches_reference(dtype, device, seed):
+    spans, mask = random_spans(3, 11, 25)
+    check_against_reference(
+        mk.span_weights,
+        ref.span_weights,
+        [torch.rand(3, 25), spans, mask],
+        grad_args=(0,),
+        dtype=dtype,
+        device=device,
+        seed=seed,
+    )
+
+
+def test_span_weights_all_invalid_is_zero(device):
+    spans = torch.tensor([[[0, 2], [2, 4]]], device=device)
+    got = mk.span_weights(
+        torch.rand(1, 4, device=device), spans, torch.zeros(1, 2, dtype=torch.bool, device=device)
+    )
+    assert torch.equal(got.cpu(), torch.zeros(1, 2))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("weighted", [False, True])
+def test_span_pool_bf16_cuda(weighted, seed):
+    spans, mask = word_spans(4, 512)
+    weights = torch.rand(4, 512) if weighted else None
+    check_against_reference(
+        mk.span_pool,
+        ref.span_pool,
+        [torch.randn(4, 512, 768), spans, mask, weights],
+        grad_args=(0, 3) if weighted else (0,),
+        dtype=torch.bfloat16,
+        device="cuda",
+        seed=seed,
+    )

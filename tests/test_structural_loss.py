@@ -1,0 +1,80 @@
+"""Fused structural (DSA) loss vs the reference."""
+
+import pytest
+import torch
+from helpers import FUSED_DTYPES, check_against_reference
+
+import mta_kernels as mk
+from mta_kernels import reference as ref
+
+SHAPES = [(3, 37, 19, 26), (2, 2, 3, 5), (1, 45, 70, 20)]  # (B, K, d_S, d_T)
+
+
+def make_inputs(batch: int, num_units: int, width_s: int, width_t: int):
+    student = torch.randn(batch, num_units, width_s)
+    teacher = torch.randn(batch, num_units, width_t)
+    if num_units > 5:
+        student[0, 3], teacher[0, 3] = student[0, 5], teacher[0, 5]  # duplicate units
+    mask = torch.rand(batch, num_units) > 0.2
+    if batch > 2:
+        mask[2] = False
+        mask[2, 0] = True  # < 2 valid units: zero loss, zero gradient
+    weights = torch.rand(batch, num_units)
+    return student, teacher, weights / weights.sum(-1, keepdim=True), mask
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", FUSED_DTYPES)
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_matches_reference(shape, dtype, metric, device, seed):
+    student, teacher, weights, mask = make_inputs(*shape)
+    check_against_reference(
+        mk.structural_loss,
+        ref.structural_loss,
+        [student, teacher, weights, mask, metric, "none"],
+        grad_args=(0, 1, 2),
+        dtype=dtype,
+        device=device,
+        seed=seed,
+    )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_student_only_grad_and_reductions(reduction, metric, device, seed):
+    # The usual call: only the student requires grad; the teacher side gets nothing.
+    student, teacher, weights, mask = make_inputs(2, 19, 12, 24)
+    check_against_reference(
+        mk.structural_loss,
+        ref.structural_loss,
+        [student, teacher, weights, mask, metric, reduction],
+        grad_args=(0,),
+        dtype=torch.float32,
+        device=device,
+        seed=seed,
+        non_contiguous=True,
+    )
+
+
+def test_identical_geometry_is_zero(device):
+    student = torch.randn(2, 9, 6, device=device)
+    weights = torch.full((2, 9), 1 / 9, device=device)
+    mask = torch.ones(2, 9, dtype=torch.bool, device=device)
+    for metric in ("cosine", "euclidean"):
+        loss = mk.structural_loss(student, 2.5 * student, weights, mask, metric)
+        assert loss.abs().item() < 1e-6
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_bf16_cuda_paper_shape(metric, seed):
+    student, teacher, weights, mask = make_inputs(8, 300, 768, 1600)
+    check_against_reference(
+        mk.structural_loss,
+        ref.structural_loss,
+        [student, teacher, weights, mask, metric, "none"],
+        grad_args=(0,),
+        dtype=torch.bfloat16,
+        device="cuda",
+        seed=seed,
+    )

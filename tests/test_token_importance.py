@@ -1,0 +1,83 @@
+"""Fused token importance vs the reference (interpreter on CPU, native on CUDA)."""
+
+import pytest
+import torch
+from helpers import FUSED_DTYPES, check_against_reference, rel_error
+
+import mta_kernels as mk
+from mta_kernels import reference as ref
+
+SHAPES = [(2, 37, 19), (1, 5, 3), (3, 50, 40), (1, 1, 8)]
+
+
+def make_inputs(batch: int, num_tokens: int, width: int):
+    hidden = torch.randn(batch, num_tokens, width) * 3 + 1
+    mask = torch.ones(batch, num_tokens, dtype=torch.long)
+    mask[0, num_tokens // 2 + 1 :] = 0
+    if batch > 2:
+        mask[2] = 0
+        mask[2, 1] = 1  # a single valid token: all zeros
+    return hidden, mask
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", FUSED_DTYPES)
+def test_matches_reference(shape, dtype, device, seed):
+    hidden, mask = make_inputs(*shape)
+    check_against_reference(
+        mk.token_importance,
+        ref.token_importance,
+        [hidden, mask],
+        grad_args=(),
+        dtype=dtype,
+        device=device,
+        seed=seed,
+    )
+
+
+def test_strided_and_bool_mask(device, seed):
+    hidden, mask = make_inputs(2, 21, 12)
+    check_against_reference(
+        mk.token_importance,
+        ref.token_importance,
+        [hidden, mask.bool()],
+        grad_args=(),
+        dtype=torch.float32,
+        device=device,
+        seed=seed,
+        non_contiguous=True,
+    )
+
+
+def test_weights_are_a_distribution(device):
+    hidden, mask = make_inputs(3, 29, 16)
+    weights = mk.token_importance(hidden.to(device), mask.to(device)).cpu()
+    assert torch.allclose(weights.sum(-1), torch.tensor([1.0, 1.0, 0.0]), atol=1e-6)
+    assert (weights[mask == 0] == 0).all() and (weights >= 0).all()
+
+
+def test_no_grad_flows(device):
+    hidden = torch.randn(2, 9, 8, device=device, requires_grad=True)
+    weights = mk.token_importance(hidden, torch.ones(2, 9, dtype=torch.long, device=device))
+    assert not weights.requires_grad
+
+
+@pytest.mark.cuda
+def test_bf16_cuda(seed):
+    hidden, mask = make_inputs(2, 300, 256)
+    check_against_reference(
+        mk.token_importance,
+        ref.token_importance,
+        [hidden, mask],
+        grad_args=(),
+        dtype=torch.bfloat16,
+        device="cuda",
+        seed=seed,
+    )
+
+
+@pytest.mark.cuda
+def test_large_sequence_cuda(seed):
+    hidden, mask = make_inputs(2, 1500, 320)
+    got = mk.token_importance(hidden.cuda(), mask.cuda())
+    assert rel_error(got, ref.token_importance(hidden.double(), mask)) < 5e-4, f"seed={seed}"
