@@ -3,10 +3,13 @@ registered ``torch.library`` custom op with a fake (meta) implementation, and th
 each ``autograd.Function`` calls custom ops too, so Dynamo traces a training step without a
 graph break and AOTAutograd differentiates through it."""
 
+import pytest
 import torch
 from helpers import rel_error, word_spans
 
 import mta_kernels as mk
+
+pytestmark = pytest.mark.kernels  # also run on the GPU by benchmarks/gpu_check.sh
 
 
 def mta_step(student, teacher, projector, attention_mask, spans, span_mask):

@@ -9,6 +9,8 @@ from mta_kernels import reference as ref
 
 SHAPES = [(3, 37, 45), (1, 1, 1), (2, 20, 130)]  # (B, T, d)
 
+pytestmark = pytest.mark.kernels  # also run on the GPU by benchmarks/gpu_check.sh
+
 
 def make_inputs(batch: int, num_tokens: int, width: int, zero_rows: bool = True):
     student = torch.randn(batch, num_tokens, width)

@@ -13,6 +13,8 @@ SHAPES = [
     (2, 40, 70),
 ]  # (B, K, d); d = 1 makes every cosine gradient exactly 0
 
+pytestmark = pytest.mark.kernels  # also run on the GPU by benchmarks/gpu_check.sh
+
 
 def make_units(batch: int, num_units: int, width: int, zero_row: bool = True):
     units = torch.randn(batch, num_units, width)

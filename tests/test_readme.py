@@ -13,7 +13,9 @@ BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), 
 
 @pytest.mark.parametrize("code", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
 def test_readme_example_runs(code, tmp_path):
-    if "spacy" in code or "en_core_web_sm" in code:
+    if "from_pretrained(" in code:
+        pytest.skip("loads a tokenizer from the Hugging Face hub (no network here)")
+    if "extract_units" in code or "cached_units" in code:
         pytest.importorskip("spacy")
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600

@@ -9,6 +9,8 @@ from mta_kernels import reference as ref
 
 SHAPES = [(3, 41, 37, 9), (2, 7, 1, 5), (1, 70, 130, 24)]  # (B, T, d, K)
 
+pytestmark = pytest.mark.kernels  # also run on the GPU by benchmarks/gpu_check.sh
+
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", FUSED_DTYPES)

@@ -9,6 +9,8 @@ from mta_kernels import reference as ref
 
 SHAPES = [(3, 37, 19, 26), (2, 2, 3, 5), (1, 45, 70, 20)]  # (B, K, d_S, d_T)
 
+pytestmark = pytest.mark.kernels  # also run on the GPU by benchmarks/gpu_check.sh
+
 
 def make_inputs(batch: int, num_units: int, width_s: int, width_t: int):
     student = torch.randn(batch, num_units, width_s)

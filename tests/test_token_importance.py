@@ -9,6 +9,8 @@ from mta_kernels import reference as ref
 
 SHAPES = [(2, 37, 19), (1, 5, 3), (3, 50, 40), (1, 1, 8)]
 
+pytestmark = pytest.mark.kernels  # also run on the GPU by benchmarks/gpu_check.sh
+
 
 def make_inputs(batch: int, num_tokens: int, width: int):
     hidden = torch.randn(batch, num_tokens, width) * 3 + 1
