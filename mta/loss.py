@@ -34,7 +34,6 @@ from torch import Tensor, nn
 
 import mta_kernels as mk
 from mta.layers import GRANULARITIES, LayerPair, LayerPairLike, parse_layer_pairs
-from mta_kernels._validation import check_spans
 
 __all__ = ["MTALoss", "MTALossOutput"]
 
@@ -88,7 +87,6 @@ def _coverage(spans: Tensor, span_mask: Tensor, attention_mask: Tensor) -> Tenso
     ``O(B·(K + T))``, no ``[B, K, T]`` membership matrix.
     """
     batch, num_tokens = attention_mask.shape
-    check_spans(spans, span_mask, batch, num_tokens)
     valid = span_mask.bool()
     ones = valid.to(torch.int32)
     delta = torch.zeros(batch, num_tokens + 1, dtype=torch.int32, device=spans.device)
@@ -99,15 +97,24 @@ def _coverage(spans: Tensor, span_mask: Tensor, attention_mask: Tensor) -> Tenso
 
 
 def _unit_tensors(
-    batch: Mapping[str, Tensor], granularities: Sequence[str], cross: bool
+    batch: Mapping[str, Tensor],
+    granularities: Sequence[str],
+    cross: bool,
+    student_tokens: tuple[int, int],
+    teacher_tokens: tuple[int, int],
 ) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
-    """``{g: (student spans, teacher spans, span mask)}`` from the collator's batch keys."""
+    """``{g: (student spans, teacher spans, span mask)}`` from the collator's batch keys, each
+    validated once against its tokenization ([B, T] of the student / the teacher)."""
     units = {}
     for g in granularities:
         what = f"from the collator in mta.spans; needed by the layer pairs with {g} units"
         student_spans = _batch_tensor(batch, f"{g}_student_spans", what)
         teacher_spans = _batch_tensor(batch, f"{g}_teacher_spans", what) if cross else student_spans
-        units[g] = (student_spans, teacher_spans, _batch_tensor(batch, f"{g}_span_mask", what))
+        span_mask = _batch_tensor(batch, f"{g}_span_mask", what)
+        mk.check_spans(student_spans, span_mask, *student_tokens)
+        if cross:
+            mk.check_spans(teacher_spans, span_mask, *teacher_tokens)
+        units[g] = (student_spans, teacher_spans, span_mask)
     return units
 
 
@@ -234,7 +241,9 @@ class MTALoss(nn.Module):
         )
         if attention_mask.dim() != 2 or teacher_mask.dim() != 2:
             raise ValueError("attention_mask and teacher_attention_mask must have shape [B, T]")
-        units = _unit_tensors(batch, self.granularities, cross)
+        units = _unit_tensors(
+            batch, self.granularities, cross, tuple(attention_mask.shape), tuple(teacher_mask.shape)
+        )
         student_shape = (*attention_mask.shape, self.student_hidden_size)
         teacher_shape = (*teacher_mask.shape, self.teacher_hidden_size)
 
@@ -242,35 +251,45 @@ class MTALoss(nn.Module):
         coverage: dict[str, Tensor] = {}
         dsa_terms: dict[str, Tensor] = {}
         hra_terms: dict[str, Tensor] = {}
-        for pair in self.layer_pairs:
-            h_s = _hidden(
-                student_hidden_states, pair.student_layer, "student_hidden_states", student_shape
-            )
-            h_t = _hidden(
-                teacher_hidden_states, pair.teacher_layer, "teacher_hidden_states", teacher_shape
-            ).detach()
-            if pair.teacher_layer not in importance:
-                importance[pair.teacher_layer] = mk.token_importance(h_t, teacher_mask)
-            w = importance[pair.teacher_layer]
-            student_spans, teacher_spans, span_mask = units[pair.granularity]
-            if self.use_dsa or cross:
-                u_t = mk.span_pool(h_t, teacher_spans, span_mask, w)
-                u_s = mk.span_pool(h_s, student_spans, span_mask, None if cross else w)
-                p = mk.span_weights(w, teacher_spans, span_mask)
-            if self.use_dsa:
-                dsa_terms[pair.name] = mk.structural_loss(
-                    u_s, u_t, p, span_mask, metric=self.metric
+        # The spans were validated once above: skip the per-op range checks (host syncs).
+        with mk.assume_valid_spans():
+            for pair in self.layer_pairs:
+                h_s = _hidden(
+                    student_hidden_states,
+                    pair.student_layer,
+                    "student_hidden_states",
+                    student_shape,
                 )
-            if self.use_hra and cross:
-                projected = self._project(pair.student_layer, u_s)
-                hra_terms[pair.name] = mk.hidden_alignment_loss(projected, u_t, p, span_mask)
-            elif self.use_hra:
-                if pair.granularity not in coverage:
-                    coverage[pair.granularity] = _coverage(student_spans, span_mask, attention_mask)
-                projected = self._project(pair.student_layer, h_s)
-                hra_terms[pair.name] = mk.hidden_alignment_loss(
-                    projected, h_t, w, coverage[pair.granularity]
-                )
+                h_t = _hidden(
+                    teacher_hidden_states,
+                    pair.teacher_layer,
+                    "teacher_hidden_states",
+                    teacher_shape,
+                ).detach()
+                if pair.teacher_layer not in importance:
+                    importance[pair.teacher_layer] = mk.token_importance(h_t, teacher_mask)
+                w = importance[pair.teacher_layer]
+                student_spans, teacher_spans, span_mask = units[pair.granularity]
+                if self.use_dsa or cross:
+                    u_t = mk.span_pool(h_t, teacher_spans, span_mask, w)
+                    u_s = mk.span_pool(h_s, student_spans, span_mask, None if cross else w)
+                    p = mk.span_weights(w, teacher_spans, span_mask)
+                if self.use_dsa:
+                    dsa_terms[pair.name] = mk.structural_loss(
+                        u_s, u_t, p, span_mask, metric=self.metric
+                    )
+                if self.use_hra and cross:
+                    projected = self._project(pair.student_layer, u_s)
+                    hra_terms[pair.name] = mk.hidden_alignment_loss(projected, u_t, p, span_mask)
+                elif self.use_hra:
+                    if pair.granularity not in coverage:
+                        coverage[pair.granularity] = _coverage(
+                            student_spans, span_mask, attention_mask
+                        )
+                    projected = self._project(pair.student_layer, h_s)
+                    hra_terms[pair.name] = mk.hidden_alignment_loss(
+                        projected, h_t, w, coverage[pair.granularity]
+                    )
 
         components: dict[str, Tensor] = {}
         loss = torch.zeros((), dtype=torch.float32, device=attention_mask.device)

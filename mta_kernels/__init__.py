@@ -15,6 +15,7 @@ Triton kernels through the interpreter when ``TRITON_INTERPRET=1`` is set before
 
 from mta_kernels import reference
 from mta_kernels._common import set_fp32_matmul_precision
+from mta_kernels._validation import assume_valid_spans, check_spans
 from mta_kernels.hidden_alignment import hidden_alignment_loss
 from mta_kernels.pairwise_distance import pairwise_distance
 from mta_kernels.span_pool import span_pool, span_weights
@@ -22,6 +23,8 @@ from mta_kernels.structural_loss import structural_loss
 from mta_kernels.token_importance import token_importance
 
 __all__ = [
+    "assume_valid_spans",
+    "check_spans",
     "hidden_alignment_loss",
     "pairwise_distance",
     "reference",

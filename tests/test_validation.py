@@ -133,3 +133,15 @@ def test_invalid_spans_may_hold_garbage():
 def test_non_tensor_argument():
     with pytest.raises(TypeError, match=r"hidden must be a torch\.Tensor"):
         mk.span_pool([[1.0]], SPANS, MASK)
+
+
+def test_assume_valid_spans_skips_only_the_range_check():
+    bad = SPANS.clone()
+    bad[1, 2] = torch.tensor([4, 60])  # end past T
+    with mk.assume_valid_spans():
+        out = mk.span_pool(hidden(), bad, MASK)  # clamped into [0, T]: no error, no crash
+        assert torch.isfinite(out).all()
+        with pytest.raises(TypeError, match="spans must be an int64"):
+            mk.span_pool(hidden(), bad.float(), MASK)  # dtype/shape checks still run
+    with pytest.raises(ValueError, match="is outside"):
+        mk.span_pool(hidden(), bad, MASK)  # the check is back after the block
