@@ -6,7 +6,11 @@ run on CPU through the interpreter (that is how CI checks them). float64 inputs 
 reference, which is what ``torch.autograd.gradcheck`` exercises.
 """
 
+import contextlib
+import functools
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import triton
@@ -17,14 +21,43 @@ from mta_kernels._validation import NORM_EPS
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Precision of ``tl.dot`` on fp32 inputs. "ieee" is exact fp32 (CUDA cores); "tf32x3" is close to
-# fp32 on tensor cores; "tf32" is fastest with ~1e-3 relative error. bf16/fp16 inputs always use
-# tensor cores with fp32 accumulation. Set with :func:`set_fp32_matmul_precision`.
-_FP32_DOT_PRECISION = "ieee"
+# Small tiles keep the interpreter fast. Tests set this to False to run the GPU tile sizes (and
+# their masks) on CPU too.
+SMALL_BLOCKS = INTERPRETER
+
+# Precision of ``tl.dot`` on fp32 operands: "tf32x3" (default) splits each operand into a tf32
+# head and tail and runs three tensor-core products, close to fp32 accuracy (~1e-6 relative);
+# "ieee" is exact fp32 on CUDA cores (slow); "tf32" is fastest with ~1e-3 relative error. bf16
+# operands always use tensor cores with fp32 accumulation. The interpreter computes every dot
+# exactly whatever the setting.
+_FP32_DOT_PRECISION = "tf32x3"
+
+_F = TypeVar("_F", bound=Callable)
+
+
+def small_blocks() -> bool:
+    return SMALL_BLOCKS
+
+
+def on_input_device(launcher: _F) -> _F:
+    """Run a kernel launcher with its first tensor argument's CUDA device current.
+
+    Triton launches on ``torch.cuda.current_device()``, not on the tensors' device: without this
+    guard, tensors on ``cuda:1`` while ``cuda:0`` is current would be read from the wrong GPU.
+    """
+
+    @functools.wraps(launcher)
+    def wrapper(*args, **kwargs):
+        first = next(a for a in args if isinstance(a, Tensor))
+        guard = torch.cuda.device(first.device) if first.is_cuda else contextlib.nullcontext()
+        with guard:
+            return launcher(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def set_fp32_matmul_precision(precision: str) -> None:
-    """How ``tl.dot`` treats fp32 operands: ``"ieee"`` (default), ``"tf32x3"`` or ``"tf32"``."""
+    """How ``tl.dot`` treats fp32 operands: ``"tf32x3"`` (default), ``"ieee"`` or ``"tf32"``."""
     global _FP32_DOT_PRECISION
     if precision not in ("ieee", "tf32x3", "tf32"):
         raise ValueError(f"precision must be 'ieee', 'tf32x3' or 'tf32', got {precision!r}")
@@ -133,6 +166,7 @@ def row_normalize_bwd_kernel(
 
 
 @torch.library.custom_op("mta::row_normalize", mutates_args=())
+@on_input_device
 def row_normalize(x: Tensor) -> tuple[Tensor, Tensor]:
     """Rows of ``x`` [..., D] scaled to unit norm: (x̂ in the dot dtype, 1/max(‖x‖, 1e-12) fp32)."""
     x = contiguous(x)
@@ -154,6 +188,7 @@ def _(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @torch.library.custom_op("mta::row_normalize_backward", mutates_args=())
+@on_input_device
 def row_normalize_backward(x: Tensor, inv_norm: Tensor, grad_hat: Tensor) -> Tensor:
     """Gradient w.r.t. ``x`` of :func:`row_normalize` given fp32 ``grad_hat``; x's dtype."""
     x = contiguous(x)

@@ -12,7 +12,14 @@ import triton.language as tl
 from torch import Tensor
 
 from mta_kernels import reference
-from mta_kernels._common import INTERPRETER, block_size, contiguous, empty_output, use_triton
+from mta_kernels._common import (
+    block_size,
+    contiguous,
+    empty_output,
+    on_input_device,
+    small_blocks,
+    use_triton,
+)
 from mta_kernels._validation import STD_EPS, check_hidden_alignment_args
 
 
@@ -113,12 +120,13 @@ def _hidden_alignment_bwd_kernel(
 
 
 def _blocks(width: int) -> tuple[int, int]:
-    if INTERPRETER:
+    if small_blocks():
         return 16, block_size(width, 64, floor=1)
     return 16, block_size(width, 128, floor=1)
 
 
 @torch.library.custom_op("mta::hidden_alignment_forward", mutates_args=())
+@on_input_device
 def _hidden_alignment_forward(
     student_hidden: Tensor, teacher_hidden: Tensor, weight: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -159,6 +167,7 @@ def _(student_hidden, teacher_hidden, weight):
 
 
 @torch.library.custom_op("mta::hidden_alignment_backward", mutates_args=())
+@on_input_device
 def _hidden_alignment_backward(
     student_hidden: Tensor,
     teacher_hidden: Tensor,

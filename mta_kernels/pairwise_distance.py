@@ -18,13 +18,14 @@ from torch import Tensor
 
 from mta_kernels import reference
 from mta_kernels._common import (
-    INTERPRETER,
     block_size,
     contiguous,
     dot_precision,
     empty_output,
+    on_input_device,
     row_normalize,
     row_normalize_backward,
+    small_blocks,
     use_triton,
 )
 from mta_kernels._validation import check_pairwise_distance_args
@@ -115,36 +116,63 @@ def pair_tile(
 
 
 @triton.jit
+def pair_update(
+    x_ptr,  # [K, D] forward rows of one example (normalized for cosine, raw for euclidean)
+    coef,  # [BLOCK_I, BLOCK_J] fp32 coefficients C_ij
+    offs_i,
+    offs_j,
+    offs_d,
+    K,
+    D,
+    METRIC: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One d-chunk of ``Σ_j C_ij X_j`` (cosine) or ``Σ_j C_ij (X_i − X_j)`` (euclidean, from
+    exact differences): [BLOCK_I, BLOCK_D] fp32."""
+    x_j = tl.load(
+        x_ptr + offs_j[:, None] * D + offs_d[None, :],
+        mask=(offs_j[:, None] < K) & (offs_d[None, :] < D),
+        other=0.0,
+    )
+    if METRIC == 0:
+        update = tl.dot(coef.to(x_j.dtype), x_j, input_precision=PRECISION)
+    else:
+        x_i = tl.load(
+            x_ptr + offs_i[:, None] * D + offs_d[None, :],
+            mask=(offs_i[:, None] < K) & (offs_d[None, :] < D),
+            other=0.0,
+        ).to(tl.float32)
+        diff = x_i[:, None, :] - x_j.to(tl.float32)[None, :, :]
+        update = tl.sum(coef[:, :, None] * diff, axis=1)
+    return update
+
+
+@triton.jit
 def accumulate_rows(
     grad_ptr,  # [K, D] fp32 gradient rows of one example, owned by this program
-    x_ptr,  # [K, D] forward rows (normalized for cosine, raw for euclidean)
+    x_ptr,
     coef,
     offs_i,
     offs_j,
     K,
     D,
     METRIC: tl.constexpr,
-    BLOCK_I: tl.constexpr,
-    BLOCK_J: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """``grad_i += Σ_j C_ij X_j`` (cosine) or ``grad_i += Σ_j C_ij (X_i − X_j)`` (euclidean)."""
+    """``grad_i += pair_update`` over all of ``D``: a read-modify-write of rows this program owns.
+
+    Used where the coefficient tile is expensive (recomputed Gram tiles) and ``D`` too wide to
+    keep ``grad_i`` in registers across the column blocks.
+    """
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
+        update = pair_update(x_ptr, coef, offs_i, offs_j, offs_d, K, D, METRIC, PRECISION)
         rows_i = offs_i[:, None] * D + offs_d[None, :]
         mask_i = (offs_i[:, None] < K) & (offs_d[None, :] < D)
-        x_j = tl.load(
-            x_ptr + offs_j[:, None] * D + offs_d[None, :],
-            mask=(offs_j[:, None] < K) & (offs_d[None, :] < D),
-            other=0.0,
-        )
-        if METRIC == 0:
-            update = tl.dot(coef.to(x_j.dtype), x_j, input_precision=PRECISION)
-        else:
-            x_i = tl.load(x_ptr + rows_i, mask=mask_i, other=0.0).to(tl.float32)
-            diff = x_i[:, None, :] - x_j.to(tl.float32)[None, :, :]
-            update = tl.sum(coef[:, :, None] * diff, axis=1)
+        # The previous column block stored these rows, maybe from other threads (the load and
+        # store layouts can differ): Triton orders global memory only across a barrier.
+        tl.debug_barrier()
         grad = tl.load(grad_ptr + rows_i, mask=mask_i, other=0.0)
         tl.store(grad_ptr + rows_i, grad + update, mask=mask_i)
 
@@ -198,7 +226,7 @@ def _distance_bwd_kernel(
     dist_ptr,  # [B, K, K] forward output (euclidean)
     inv_mean_ptr,  # [B] fp32 1/μ (euclidean)
     coupling_ptr,  # [B] fp32 A = Σ G∘D / N_pairs (euclidean)
-    grad_x_ptr,  # [B, K, D] fp32, zero-initialized
+    grad_x_ptr,  # [B, K, D] fp32
     K,
     D,
     METRIC: tl.constexpr,
@@ -207,11 +235,16 @@ def _distance_bwd_kernel(
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Cosine: ``gX̂_i = −Σ_j (G_ij + G_ji) X̂_j``. Euclidean: ``gX_i = Σ_j C_ij (X_i − X_j)`` with
-    ``C_ij = (G_ij + G_ji − 2A) / (μ² D_ij)`` over valid pairs with ``D_ij > 0``."""
-    pid_i, batch = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    """A tiled matmul over the (given) K×K gradient, one [BLOCK_I, BLOCK_D] output tile per program.
+
+    Cosine: ``gX̂_i = −Σ_j (G_ij + G_ji) X̂_j``. Euclidean: ``gX_i = Σ_j C_ij (X_i − X_j)`` with
+    ``C_ij = (G_ij + G_ji − 2A) / (μ² D_ij)`` over valid pairs with ``D_ij > 0``.
+    """
+    pid_i, pid_d, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     square = batch * K * K
+    acc = tl.zeros((BLOCK_I, BLOCK_D), tl.float32)
     for j0 in range(0, K, BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J)
         in_range = (offs_i[:, None] < K) & (offs_j[None, :] < K)
@@ -236,30 +269,26 @@ def _distance_bwd_kernel(
                 (g - 2.0 * coupling) * inv_mean * inv_mean / tl.where(positive, dist, 1.0),
                 0.0,
             )
-        accumulate_rows(
-            grad_x_ptr + batch * K * D,
-            x_ptr + batch * K * D,
-            coef,
-            offs_i,
-            offs_j,
-            K,
-            D,
-            METRIC,
-            BLOCK_I,
-            BLOCK_J,
-            BLOCK_D,
-            PRECISION,
+        acc += pair_update(
+            x_ptr + batch * K * D, coef, offs_i, offs_j, offs_d, K, D, METRIC, PRECISION
         )
+    tl.store(
+        grad_x_ptr + batch * K * D + offs_i[:, None] * D + offs_d[None, :],
+        acc,
+        mask=(offs_i[:, None] < K) & (offs_d[None, :] < D),
+    )
 
 
 def tile_sizes(metric: str, width: int) -> dict[str, int]:
     """Block sizes of the pairwise kernels: Gram tiles feed ``tl.dot``; euclidean tiles are 3-D."""
     if metric == "cosine":
-        cap = 16 if INTERPRETER else 64
-        return dict(BLOCK_I=cap, BLOCK_J=cap, BLOCK_D=block_size(width, cap))
-    cap = 16 if INTERPRETER else 32
+        if small_blocks():
+            return dict(BLOCK_I=16, BLOCK_J=16, BLOCK_D=block_size(width, 16))
+        # Three to five live 64×64 fp32 tiles: 8 warps keep them in registers.
+        return dict(BLOCK_I=64, BLOCK_J=64, BLOCK_D=block_size(width, 64), num_warps=8)
+    cap = 16 if small_blocks() else 32
     return dict(
-        BLOCK_I=cap, BLOCK_J=cap, BLOCK_D=block_size(width, 16 if INTERPRETER else 8, floor=1)
+        BLOCK_I=cap, BLOCK_J=cap, BLOCK_D=block_size(width, 16 if small_blocks() else 8, floor=1)
     )
 
 
@@ -271,6 +300,7 @@ def valid_mask(span_mask: Tensor | None, units: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("mta::pairwise_distance_forward", mutates_args=())
+@on_input_device
 def _distance_forward(rows: Tensor, valid: Tensor, metric: str) -> tuple[Tensor, Tensor]:
     """Launch :func:`_distance_fwd_kernel`: (1 − Gram or raw distances [B, K, K], tile sums)."""
     batch, num_units, width = rows.shape
@@ -307,6 +337,7 @@ def _(rows, valid, metric):
 
 
 @torch.library.custom_op("mta::pairwise_distance_backward", mutates_args=())
+@on_input_device
 def _distance_backward(
     rows: Tensor,
     valid: Tensor,
@@ -318,10 +349,11 @@ def _distance_backward(
 ) -> Tensor:
     """Launch :func:`_distance_bwd_kernel`: fp32 gradient w.r.t. ``rows``."""
     batch, num_units, width = rows.shape
-    grad_rows = torch.zeros(rows.shape, dtype=torch.float32, device=rows.device)
+    grad_rows = empty_output(*rows.shape, dtype=torch.float32, device=rows.device)
     meta = tile_sizes(metric, width)
     if grad_rows.numel() > 0:
-        _distance_bwd_kernel[(triton.cdiv(num_units, meta["BLOCK_I"]), batch)](
+        grid = (triton.cdiv(num_units, meta["BLOCK_I"]), triton.cdiv(width, meta["BLOCK_D"]), batch)
+        _distance_bwd_kernel[grid](
             rows,
             valid,
             contiguous(grad_out),

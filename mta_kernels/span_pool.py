@@ -16,11 +16,20 @@ import triton.language as tl
 from torch import Tensor
 
 from mta_kernels import reference
-from mta_kernels._common import INTERPRETER, block_size, contiguous, empty_output, use_triton
+from mta_kernels._common import (
+    block_size,
+    contiguous,
+    empty_output,
+    on_input_device,
+    small_blocks,
+    use_triton,
+)
 from mta_kernels._validation import DENOM_EPS, check_span_pool_args, check_span_weights_args
 
-# Token-block height of the backward gather; the span index is built for this block size.
-_GATHER_BLOCK_T = 16 if INTERPRETER else 32
+
+def _gather_block_t() -> int:
+    """Token-block height of the backward gather; the span index is built for this block size."""
+    return 16 if small_blocks() else 32
 
 
 @triton.jit
@@ -94,6 +103,7 @@ def _span_gather_kernel(
     HAS_SCALE: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
     WITH_DOT: tl.constexpr,
+    WRITE_OUT: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -124,13 +134,14 @@ def _span_gather_kernel(
         tl.store(
             dot_ptr + pid_d.to(tl.int64) * n_rows + rows, tl.sum(acc * h, axis=1), mask=offs_t < T
         )
-    if HAS_WEIGHTS:
-        acc = acc * tl.load(w_ptr + rows, mask=offs_t < T, other=0.0).to(tl.float32)[:, None]
-    tl.store(
-        out_ptr + rows[:, None] * D + offs_d[None, :],
-        acc.to(out_ptr.dtype.element_ty),
-        mask=tile_mask,
-    )
+    if WRITE_OUT:
+        if HAS_WEIGHTS:
+            acc = acc * tl.load(w_ptr + rows, mask=offs_t < T, other=0.0).to(tl.float32)[:, None]
+        tl.store(
+            out_ptr + rows[:, None] * D + offs_d[None, :],
+            acc.to(out_ptr.dtype.element_ty),
+            mask=tile_mask,
+        )
 
 
 class _SpanIndex(NamedTuple):
@@ -159,9 +170,9 @@ def _span_index(spans: Tensor, span_mask: Tensor, num_tokens: int) -> _SpanIndex
     sorted_ends = torch.gather(ends, -1, order)
     reach = torch.cummax(sorted_ends, dim=-1).values
     block_starts = torch.arange(
-        0, num_tokens, _GATHER_BLOCK_T, device=spans.device, dtype=torch.int32
+        0, num_tokens, _gather_block_t(), device=spans.device, dtype=torch.int32
     )
-    block_ends = (block_starts + _GATHER_BLOCK_T).clamp_max(num_tokens)
+    block_ends = (block_starts + _gather_block_t()).clamp_max(num_tokens)
     batch = spans.shape[0]
     k_hi = torch.searchsorted(sorted_starts, block_ends.expand(batch, -1).contiguous())
     k_lo = torch.searchsorted(reach, block_starts.expand(batch, -1).contiguous(), right=True)
@@ -177,6 +188,7 @@ def _span_index(spans: Tensor, span_mask: Tensor, num_tokens: int) -> _SpanIndex
 
 
 @torch.library.custom_op("mta::span_sum", mutates_args=())
+@on_input_device
 def _span_sum(
     values: Tensor, starts: Tensor, ends: Tensor, weights: Tensor | None, normalize: bool
 ) -> tuple[Tensor, Tensor]:
@@ -188,8 +200,8 @@ def _span_sum(
     weight_sum = empty_output(batch, num_spans, dtype=torch.float32, device=values.device)
     if out.numel() == 0:
         return out.zero_(), weight_sum.zero_()
-    block_d = block_size(width, 128 if INTERPRETER else 256, floor=1)
-    block_t = 16 if INTERPRETER else 8
+    block_d = block_size(width, 128 if small_blocks() else 256, floor=1)
+    block_t = 16 if small_blocks() else 8
     _span_sum_kernel[(batch * num_spans, triton.cdiv(width, block_d))](
         values,
         weights if weights is not None else values,
@@ -219,6 +231,7 @@ def _(values, starts, ends, weights, normalize):
 
 
 @torch.library.custom_op("mta::span_gather", mutates_args=())
+@on_input_device
 def _span_gather(
     grads: Tensor,
     order: Tensor,
@@ -231,19 +244,24 @@ def _span_gather(
     scale: Tensor | None,
     weights: Tensor | None,
     dot_with: Tensor | None,
+    write_out: bool,
 ) -> tuple[Tensor, Tensor]:
-    """Launch :func:`_span_gather_kernel`: ``w_t Σ_{k∋t} scale_k g_k`` [B, T, D] and, with
-    ``dot_with`` = H, ``⟨Σ_{k∋t} scale_k g_k, H_t⟩`` [B, T] fp32 (else an empty tensor)."""
+    """Launch :func:`_span_gather_kernel`: ``w_t Σ_{k∋t} scale_k g_k`` [B, T, D] (an empty
+    tensor without ``write_out``) and, with ``dot_with`` = H, ``⟨Σ_{k∋t} scale_k g_k, H_t⟩``
+    [B, T] fp32 (else an empty tensor)."""
     grads = contiguous(grads)
     batch, num_spans, width = grads.shape
-    out = empty_output(batch, num_tokens, width, dtype=out_dtype, device=grads.device)
-    block_d = block_size(width, 64 if INTERPRETER else 128, floor=1)
+    if write_out:
+        out = empty_output(batch, num_tokens, width, dtype=out_dtype, device=grads.device)
+    else:
+        out = grads.new_empty(0, dtype=out_dtype)
+    block_d = block_size(width, 64 if small_blocks() else 128, floor=1)
     n_dblocks = triton.cdiv(width, block_d)
     if dot_with is None:
         dots = grads.new_empty(0, dtype=torch.float32)
     else:
         dots = empty_output(n_dblocks, batch * num_tokens, dtype=torch.float32, device=grads.device)
-    if out.numel() == 0:
+    if batch * num_tokens * width == 0:
         return out.zero_(), dots.new_zeros(batch, num_tokens) if dot_with is not None else dots
     n_blocks = k_lo.shape[1]
     _span_gather_kernel[(batch * n_blocks, n_dblocks)](
@@ -266,7 +284,8 @@ def _span_gather(
         HAS_SCALE=scale is not None,
         HAS_WEIGHTS=weights is not None,
         WITH_DOT=dot_with is not None,
-        BLOCK_T=_GATHER_BLOCK_T,
+        WRITE_OUT=write_out,
+        BLOCK_T=_gather_block_t(),
         BLOCK_D=block_d,
     )
     return out, dots.sum(0).view(batch, num_tokens) if dot_with is not None else dots
@@ -285,9 +304,11 @@ def _(
     scale,
     weights,
     dot_with,
+    write_out,
 ):
     batch, _, width = grads.shape
-    out = grads.new_empty(batch, num_tokens, width, dtype=out_dtype)
+    out_shape = (batch, num_tokens, width) if write_out else (0,)
+    out = grads.new_empty(out_shape, dtype=out_dtype)
     if dot_with is None:
         return out, grads.new_empty(0, dtype=torch.float32)
     return out, grads.new_empty(batch, num_tokens, dtype=torch.float32)
@@ -301,6 +322,7 @@ def _gather(
     scale: Tensor | None = None,
     weights: Tensor | None = None,
     dot_with: Tensor | None = None,
+    write_out: bool = True,
 ) -> tuple[Tensor, Tensor]:
     return _span_gather(
         grads,
@@ -314,6 +336,7 @@ def _gather(
         scale,
         weights,
         dot_with,
+        write_out,
     )
 
 
@@ -346,6 +369,7 @@ class SpanPoolFunction(torch.autograd.Function):
             scale=inv_denominator,
             weights=weights,
             dot_with=hidden if need_weights else None,
+            write_out=need_hidden,
         )
         grad_weights = None
         if need_weights:

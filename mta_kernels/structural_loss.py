@@ -24,6 +24,7 @@ from mta_kernels._common import (
     contiguous,
     dot_precision,
     empty_output,
+    on_input_device,
     row_normalize_backward,
     use_triton,
 )
@@ -182,8 +183,8 @@ def _structural_bwd_kernel(
     coupling_ptr,  # [B, 2] fp32 (a_S, a_T) = Σ 2 W E D / N_pairs (euclidean)
     scale_ptr,  # [B] fp32 dL/dL_b
     grad_student_ptr,
-    grad_teacher_ptr,  # [B, K, D] fp32 zero-initialized rows
-    grad_weight_ptr,  # [B, K] fp32
+    grad_teacher_ptr,  # [n_split, B, K, D] fp32 zero-initialized partial gradients
+    grad_weight_ptr,  # [n_split, B, K] fp32 partial gradients
     K,
     D_S,
     D_T,
@@ -197,18 +198,23 @@ def _structural_bwd_kernel(
     BLOCK_D_T: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Row block ``i`` against every column block ``j``.
+    """Row block ``i`` against the column blocks ``j ≡ split (mod n_split)``.
+
+    Splitting the columns over ``n_split`` programs (grid axis 1) fills the GPU when ``K`` is
+    small; each split accumulates its own partial gradients, summed afterwards in a fixed order.
 
     Cosine: ``gÛ^S_i = −4 Σ_j W_ij E_ij Û^S_j`` and ``gÛ^T_i = +4 Σ_j W_ij E_ij Û^T_j``.
     Euclidean: ``gU^S_i = Σ_j C_ij (U^S_i − U^S_j)``, ``C_ij = 2 (2 W E − a_S V)_ij / (μ_S r^S_ij)``
     and the teacher's with the opposite sign. Both: ``gp_i = 2 Σ_j p_j V_ij E_ij²``. All × scale_b.
     """
-    pid_i, batch = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    pid_i, split, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    n_split = tl.num_programs(1)
+    partial = split.to(tl.int64) * tl.num_programs(2) + batch  # index of this [B, ...] slice
     offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     scale = tl.load(scale_ptr + batch)
     p_i = tl.load(weight_ptr + batch * K + offs_i, mask=offs_i < K, other=0.0)
     grad_p = tl.zeros((BLOCK_I,), tl.float32)
-    for j0 in range(0, K, BLOCK_J):
+    for j0 in range(split * BLOCK_J, K, n_split * BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J)
         error, student, teacher = _error_tile(
             student_ptr,
@@ -247,7 +253,7 @@ def _structural_bwd_kernel(
                     positive, 2.0 * scale * dloss / tl.where(positive, student, 1.0), 0.0
                 )
             accumulate_rows(
-                grad_student_ptr + batch * K * D_S,
+                grad_student_ptr + partial * K * D_S,
                 student_ptr + batch * K * D_S,
                 coef,
                 offs_i,
@@ -255,8 +261,6 @@ def _structural_bwd_kernel(
                 K,
                 D_S,
                 METRIC,
-                BLOCK_I,
-                BLOCK_J,
                 BLOCK_D_S,
                 PRECISION,
             )
@@ -277,7 +281,7 @@ def _structural_bwd_kernel(
                     positive, 2.0 * scale * dloss / tl.where(positive, teacher, 1.0), 0.0
                 )
             accumulate_rows(
-                grad_teacher_ptr + batch * K * D_T,
+                grad_teacher_ptr + partial * K * D_T,
                 teacher_ptr + batch * K * D_T,
                 coef,
                 offs_i,
@@ -285,13 +289,21 @@ def _structural_bwd_kernel(
                 K,
                 D_T,
                 METRIC,
-                BLOCK_I,
-                BLOCK_J,
                 BLOCK_D_T,
                 PRECISION,
             )
     if NEED_WEIGHTS:
-        tl.store(grad_weight_ptr + batch * K + offs_i, grad_p, mask=offs_i < K)
+        tl.store(grad_weight_ptr + partial * K + offs_i, grad_p, mask=offs_i < K)
+
+
+def _column_splits(programs: int, column_blocks: int, device: torch.device) -> int:
+    """How many programs share a row block's columns in the backward: enough for ~2 programs per
+    SM, at most 4 (each split holds a partial copy of the gradients) and at most the number of
+    column blocks. The interpreter uses 2 so that the split and its reduction are tested on CPU."""
+    if device.type != "cuda":
+        return min(2, column_blocks)
+    sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(4, column_blocks, triton.cdiv(2 * sm_count, max(programs, 1))))
 
 
 @functools.lru_cache(maxsize=64)
@@ -302,8 +314,9 @@ def _upper_tile_pairs(n_blocks: int, device: torch.device) -> Tensor:
 
 
 def _meta(metric: str, width_student: int, width_teacher: int) -> dict[str, int | str]:
+    """Launch meta-parameters: the pairwise tiles of each side (and their ``num_warps``)."""
     student, teacher = tile_sizes(metric, width_student), tile_sizes(metric, width_teacher)
-    return dict(
+    meta = dict(
         BLOCK_I=student["BLOCK_I"],
         BLOCK_J=student["BLOCK_J"],
         BLOCK_D_S=student["BLOCK_D"],
@@ -311,9 +324,13 @@ def _meta(metric: str, width_student: int, width_teacher: int) -> dict[str, int 
         PRECISION=dot_precision(),
         METRIC=METRIC_IDS[metric],
     )
+    if "num_warps" in student:
+        meta["num_warps"] = student["num_warps"]
+    return meta
 
 
 @torch.library.custom_op("mta::structural_loss_forward", mutates_args=())
+@on_input_device
 def _structural_forward(
     student_rows: Tensor,
     teacher_rows: Tensor,
@@ -368,6 +385,7 @@ def _(student_rows, teacher_rows, weights, valid, n_pairs, metric):
 
 
 @torch.library.custom_op("mta::structural_loss_backward", mutates_args=())
+@on_input_device
 def _structural_backward(
     student_rows: Tensor,
     teacher_rows: Tensor,
@@ -387,15 +405,17 @@ def _structural_backward(
     width_t = teacher_rows.shape[2]
     meta = _meta(metric, width_s, width_t)
     device = student_rows.device
+    row_blocks = triton.cdiv(max(num_units, 1), meta["BLOCK_I"])
+    n_split = _column_splits(row_blocks * batch, row_blocks, device)
 
     def buffer(needed: bool, *shape: int) -> Tensor:
         return torch.zeros(*shape if needed else (0,), dtype=torch.float32, device=device)
 
-    grad_student = buffer(need_student, batch, num_units, width_s)
-    grad_teacher = buffer(need_teacher, batch, num_units, width_t)
-    grad_weights = buffer(need_weights, batch, num_units)
+    grad_student = buffer(need_student, n_split, batch, num_units, width_s)
+    grad_teacher = buffer(need_teacher, n_split, batch, num_units, width_t)
+    grad_weights = buffer(need_weights, n_split, batch, num_units)
     if batch * num_units > 0:
-        _structural_bwd_kernel[(triton.cdiv(num_units, meta["BLOCK_I"]), batch)](
+        _structural_bwd_kernel[(row_blocks, n_split, batch)](
             student_rows,
             teacher_rows,
             weights,
@@ -414,7 +434,11 @@ def _structural_backward(
             NEED_WEIGHTS=need_weights,
             **meta,
         )
-    return grad_student, grad_teacher, grad_weights
+
+    def reduce(grad: Tensor) -> Tensor:
+        return grad.sum(0) if grad.numel() > 0 else grad
+
+    return reduce(grad_student), reduce(grad_teacher), reduce(grad_weights)
 
 
 @_structural_backward.register_fake

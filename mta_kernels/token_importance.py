@@ -21,11 +21,12 @@ from torch import Tensor
 
 from mta_kernels import reference
 from mta_kernels._common import (
-    INTERPRETER,
     block_size,
     contiguous,
     dot_precision,
     empty_output,
+    on_input_device,
+    small_blocks,
     use_triton,
 )
 from mta_kernels._validation import STD_EPS, check_token_importance_args
@@ -68,25 +69,27 @@ def _score_tile(
     PRECISION: tl.constexpr,
 ):
     """Masked scores ``A[offs_m, offs_n]`` of one example: −∞ on the diagonal, padding columns and
-    out-of-range positions."""
+    out-of-range positions. Padding rows and columns are never loaded, so whatever a model leaves
+    in padding positions (even NaN) cannot leak into the valid scores."""
     base = h_ptr + batch * T * D
+    row_valid = tl.load(mask_ptr + batch * T + offs_m, mask=offs_m < T, other=0) != 0
+    col_valid = tl.load(mask_ptr + batch * T + offs_n, mask=offs_n < T, other=0) != 0
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         q = tl.load(
             base + offs_m[:, None] * D + offs_d[None, :],
-            mask=(offs_m[:, None] < T) & (offs_d[None, :] < D),
+            mask=row_valid[:, None] & (offs_d[None, :] < D),
             other=0.0,
         )
         k = tl.load(
             base + offs_n[:, None] * D + offs_d[None, :],
-            mask=(offs_n[:, None] < T) & (offs_d[None, :] < D),
+            mask=col_valid[:, None] & (offs_d[None, :] < D),
             other=0.0,
         )
         acc += tl.dot(q, tl.trans(k), input_precision=PRECISION)
     r_m = tl.load(inv_std_ptr + batch * T + offs_m, mask=offs_m < T, other=0.0)
     r_n = tl.load(inv_std_ptr + batch * T + offs_n, mask=offs_n < T, other=0.0)
-    col_valid = tl.load(mask_ptr + batch * T + offs_n, mask=offs_n < T, other=0) != 0
     keep = col_valid[None, :] & (offs_m[:, None] != offs_n[None, :])
     return tl.where(keep, acc * (r_m[:, None] * r_n[None, :] * scale), float("-inf"))
 
@@ -184,17 +187,34 @@ def _column_sum_kernel(
         )
         row_max = tl.load(row_max_ptr + batch * T + offs_m, mask=offs_m < T, other=0.0)
         factor = tl.load(row_factor_ptr + batch * T + offs_m, mask=offs_m < T, other=0.0)
-        acc += tl.sum(tl.exp(scores - row_max[:, None]) * factor[:, None], axis=0)
+        weighted = tl.exp(scores - row_max[:, None]) * factor[:, None]
+        acc += tl.sum(tl.where(factor[:, None] > 0, weighted, 0.0), axis=0)
     col_valid = tl.load(mask_ptr + batch * T + offs_n, mask=offs_n < T, other=0) != 0
     tl.store(out_ptr + batch * T + offs_n, tl.where(col_valid, acc, 0.0), mask=offs_n < T)
 
 
-def _tile_sizes(num_tokens: int, width: int) -> tuple[int, int, int]:
-    cap_t, cap_d = (32, 32) if INTERPRETER else (64, 64)
-    return block_size(num_tokens, cap_t), block_size(num_tokens, cap_t), block_size(width, cap_d)
+def _launch_meta(num_tokens: int, width: int) -> dict[str, int | str]:
+    """Tile sizes and launch options of the two score passes."""
+    if small_blocks():
+        return dict(
+            BLOCK_M=block_size(num_tokens, 32),
+            BLOCK_N=block_size(num_tokens, 32),
+            BLOCK_D=block_size(width, 32),
+            PRECISION=dot_precision(),
+        )
+    # Hopper: 128×64 score tiles over 64-wide d chunks, 8 warps, 3-stage pipelined loads.
+    return dict(
+        BLOCK_M=block_size(num_tokens, 128),
+        BLOCK_N=block_size(num_tokens, 64),
+        BLOCK_D=block_size(width, 64),
+        PRECISION=dot_precision(),
+        num_warps=8,
+        num_stages=3,
+    )
 
 
 @torch.library.custom_op("mta::token_importance", mutates_args=())
+@on_input_device
 def _token_importance_fused(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     """Triton token importance on validated inputs: [B, T] float32."""
     hidden = contiguous(hidden)
@@ -207,16 +227,15 @@ def _token_importance_fused(hidden: Tensor, attention_mask: Tensor) -> Tensor:
         empty_output(batch, num_tokens, dtype=torch.float32, device=hidden.device) for _ in range(3)
     )
     count = mask.sum(dim=1, dtype=torch.float32).clamp_min(1.0)
-    block_m, block_n, block_d = _tile_sizes(num_tokens, width)
+    meta = _launch_meta(num_tokens, width)
     scale = 1.0 / math.sqrt(width)
     _inv_std_kernel[(batch * num_tokens,)](
         hidden, mask, inv_std, width, STD_EPS, BLOCK_D=block_size(width, 1024)
     )
-    meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=dot_precision())
-    _row_stats_kernel[(triton.cdiv(num_tokens, block_m), batch)](
+    _row_stats_kernel[(triton.cdiv(num_tokens, meta["BLOCK_M"]), batch)](
         hidden, inv_std, mask, count, row_max, row_factor, num_tokens, width, scale, **meta
     )
-    _column_sum_kernel[(triton.cdiv(num_tokens, block_n), batch)](
+    _column_sum_kernel[(triton.cdiv(num_tokens, meta["BLOCK_N"]), batch)](
         hidden, inv_std, mask, row_max, row_factor, out, num_tokens, width, scale, **meta
     )
     return out

@@ -59,6 +59,19 @@ def test_span_pool_hidden_only_needs_grad(device, seed):
     )
 
 
+def test_span_pool_weights_only_need_grad(device, seed):
+    spans, mask = random_spans(2, 6, 12)
+    check_against_reference(
+        mk.span_pool,
+        ref.span_pool,
+        [torch.randn(2, 12, 8), spans, mask, torch.rand(2, 12)],
+        grad_args=(3,),
+        dtype=torch.float32,
+        device=device,
+        seed=seed,
+    )
+
+
 def test_span_pool_heavily_overlapping_spans(device, seed):
     # Every span contains token 10: the backward gathers many spans per token block.
     starts = torch.arange(0, 11).view(1, 11)

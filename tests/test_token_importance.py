@@ -83,3 +83,14 @@ def test_large_sequence_cuda(seed):
     hidden, mask = make_inputs(2, 1500, 320)
     got = mk.token_importance(hidden.cuda(), mask.cuda())
     assert rel_error(got, ref.token_importance(hidden.double(), mask)) < 5e-4, f"seed={seed}"
+
+
+def test_nan_in_padding_does_not_leak(device):
+    # Models may leave NaN/inf in padded positions (e.g. SDPA with left padding).
+    hidden, mask = make_inputs(2, 23, 16)
+    hidden[0, -1] = float("nan")
+    hidden[0, -2] = float("inf")
+    assert mask[0, -1] == 0 and mask[0, -2] == 0
+    got = mk.token_importance(hidden.to(device), mask.to(device)).cpu()
+    assert torch.isfinite(got).all()
+    assert rel_error(got, ref.token_importance(hidden.double(), mask)) < 1e-5
