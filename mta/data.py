@@ -1,0 +1,429 @@
+"""Instruction and plain-text data for MTA distillation.
+
+Records (one JSON object per line):
+
+* ``instruction`` (+ optional ``input``, ``context``) and ``output`` (``response``) — Dolly /
+  Alpaca style, formatted with a prompt template (:data:`TEMPLATES`);
+* ``prompt`` and ``output`` — a prompt used verbatim (already templated, as in the MiniLLM /
+  DistiLLM processed sets);
+* ``text`` — plain text, loss on every token.
+
+Each example is one string ``text = prompt + response``. The prompt and the response are
+tokenized separately (so the prompt's tokens are those seen at generation time) and concatenated,
+with the tokenizer's EOS token after the response; the prompt's tokens get label ``-100``, the
+response tokens and the EOS token are learned. The linguistic units (:mod:`mta.spans`) are
+extracted over the *content* of the example — instruction, input and response, each parsed on
+its own — so the template's boilerplate (``### Instruction:``) yields no unit; they come from the
+units cache (:mod:`mta.prepare`) when one is given. When the teacher uses another tokenizer, the
+same text is tokenized a second time and each unit is mapped to both tokenizations.
+
+:class:`DistillationCollator` pads a batch on the right: ``input_ids``, ``attention_mask``,
+``labels`` (``-100`` on padding), ``teacher_input_ids`` / ``teacher_attention_mask`` with a second
+tokenizer, and the unit keys of the cross-module contract (``{g}_student_spans``,
+``{g}_teacher_spans``, ``{g}_span_mask``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from mta.prepare import UnitCache
+from mta.spans import (
+    GRANULARITIES,
+    TextUnits,
+    example_unit_spans,
+    extract_units,
+    fill_template,
+    pad_unit_spans,
+)
+
+__all__ = [
+    "FORMATS",
+    "TEMPLATES",
+    "DistillationCollator",
+    "DistillationDataset",
+    "Example",
+    "PromptTemplate",
+    "build_dataset",
+    "format_record",
+    "load_units",
+    "pad_token_id",
+    "read_jsonl",
+]
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("auto", "instruction", "prompt", "text")
+Span = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """``str.format`` templates of the prompt, with and without an ``{input}`` field; the
+    response follows the prompt directly."""
+
+    with_input: str
+    without_input: str
+
+
+#: Built-in templates. ``dolly`` is the Alpaca-style prompt of the MTA / DistiLLM / MiniLLM
+#: evaluation (Dolly, SelfInst, Vicuna, S-NI); ``plain`` only separates the fields.
+TEMPLATES: dict[str, PromptTemplate] = {
+    "dolly": PromptTemplate(
+        with_input=(
+            "Below is an instruction that describes a task, paired with an input that provides "
+            "further context. Write a response that appropriately completes the request.\n\n"
+            "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+        ),
+        without_input=(
+            "Below is an instruction that describes a task. Write a response that appropriately "
+            "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+        ),
+    ),
+    "plain": PromptTemplate(
+        with_input="{instruction}\n\n{input}\n\n", without_input="{instruction}\n\n"
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Example:
+    """One formatted record.
+
+    ``text = prompt + response``; ``response_start = len(prompt)`` (0 for plain text);
+    ``regions``: sorted character ranges of the content (instruction, input, response), the
+    ``regions`` argument of :func:`mta.spans.extract_units`.
+    """
+
+    text: str
+    response_start: int
+    regions: tuple[Span, ...]
+
+    @property
+    def prompt(self) -> str:
+        return self.text[: self.response_start]
+
+    @property
+    def response(self) -> str:
+        return self.text[self.response_start :]
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a JSON-lines file (blank lines skipped).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a line is not a JSON object (the message gives the line number).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record)}")
+            records.append(record)
+    return records
+
+
+def _field(record: Mapping[str, Any], names: Sequence[str], where: str, required: bool) -> str:
+    for name in names:
+        value = record.get(name)
+        if value is not None:
+            if not isinstance(value, str):
+                raise TypeError(f"{where}: field {name!r} must be a string, got {type(value)}")
+            return value
+    if required:
+        raise ValueError(f"{where}: missing field {' / '.join(repr(n) for n in names)}")
+    return ""
+
+
+def _detect(record: Mapping[str, Any], where: str) -> str:
+    if "instruction" in record:
+        return "instruction"
+    if "prompt" in record:
+        return "prompt"
+    if "text" in record:
+        return "text"
+    raise ValueError(
+        f"{where}: cannot tell the format: expected 'instruction'/'output', 'prompt'/'output' or "
+        f"'text' fields, got {sorted(record)}"
+    )
+
+
+def format_record(
+    record: Mapping[str, Any],
+    fmt: str = "auto",
+    template: str | PromptTemplate = "dolly",
+    where: str = "record",
+) -> Example:
+    """Format one record into an :class:`Example` (see the module docstring); ``where`` names
+    the record in error messages."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if isinstance(template, str):
+        if template not in TEMPLATES:
+            raise ValueError(f"template must be one of {sorted(TEMPLATES)}, got {template!r}")
+        template = TEMPLATES[template]
+    if fmt == "auto":
+        fmt = _detect(record, where)
+    if fmt == "text":
+        text = _field(record, ("text",), where, True)
+        return Example(text, 0, ((0, len(text)),) if text else ())
+    if fmt == "instruction":
+        fields = {
+            "instruction": _field(record, ("instruction",), where, True),
+            "input": _field(record, ("input", "context"), where, False),
+        }
+        prompt_template = template.with_input if fields["input"].strip() else template.without_input
+    else:
+        fields = {"prompt": _field(record, ("prompt",), where, True)}
+        prompt_template = "{prompt}"
+    output = _field(record, ("output", "response"), where, True)
+    prompt, _ = fill_template(prompt_template, **fields)
+    text, regions = fill_template(prompt_template + "{output}", **fields, output=output)
+    return Example(text, len(prompt), tuple(regions))
+
+
+def _offsets(enc: Any, shift: int = 0) -> np.ndarray:
+    return np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2) + shift
+
+
+def _encode(
+    tokenizer: Any, example: Example, max_length: int, add_eos: bool
+) -> tuple[list[int], np.ndarray, int]:
+    """``(ids, offsets int64[T, 2], n_prompt)`` of an example, at most ``max_length`` tokens.
+
+    The prompt (with the tokenizer's special tokens, e.g. BOS) and the response (without) are
+    tokenized separately and concatenated, so the prompt's tokens are exactly those a model sees
+    at generation time and no token straddles the boundary; the response's offsets are shifted to
+    ``text`` coordinates. The end is truncated, then EOS (offsets ``(0, 0)``) appended if asked.
+    """
+    prompt, response = example.prompt, example.response
+    budget = max_length - 1 if add_eos else max_length
+    if prompt:
+        head = tokenizer(prompt, return_offsets_mapping=True)
+        tail = tokenizer(response, return_offsets_mapping=True, add_special_tokens=False)
+        ids = list(head["input_ids"]) + list(tail["input_ids"])
+        offsets = np.concatenate([_offsets(head), _offsets(tail, len(prompt))])
+        n_prompt = min(len(head["input_ids"]), budget)
+    else:
+        enc = tokenizer(response, return_offsets_mapping=True)
+        ids, offsets, n_prompt = list(enc["input_ids"]), _offsets(enc), 0
+    ids, offsets = ids[:budget], offsets[:budget]
+    if add_eos:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token: set tokenizer.eos_token")
+        ids.append(tokenizer.eos_token_id)
+        offsets = np.concatenate([offsets, np.zeros((1, 2), np.int64)])
+    return ids, offsets, n_prompt
+
+
+def _check_fast(tokenizer: Any, name: str) -> None:
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError(
+            f"{name} must be a fast (Rust) Hugging Face tokenizer: units are mapped to tokens with "
+            "its offset_mapping; load it with AutoTokenizer.from_pretrained(..., use_fast=True)"
+        )
+
+
+class DistillationDataset(Dataset):
+    """Tokenized examples with their unit token ranges, built once.
+
+    Args:
+        examples: formatted examples (:func:`format_record`).
+        tokenizer: the student's fast tokenizer.
+        max_length: maximum tokens per example; longer ones lose their end, and those whose
+            prompt leaves no room for a response token are dropped (with a warning).
+        teacher_tokenizer: the teacher's fast tokenizer when it differs from the student's.
+        units: one :class:`~mta.spans.TextUnits` per example (character spans of ``text``), or
+            None to train without MTA (no unit keys in the batches).
+        add_eos: append EOS after the response (default: for examples that have a prompt).
+
+    Each item is a dict of lists / int64 arrays: ``input_ids``, ``labels``, optionally
+    ``teacher_input_ids``, and the per-example unit ranges of :func:`mta.spans.example_unit_spans`.
+    """
+
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        tokenizer: Any,
+        max_length: int = 512,
+        teacher_tokenizer: Any = None,
+        units: Sequence[TextUnits] | None = None,
+        add_eos: bool | None = None,
+    ) -> None:
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+            raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
+        if units is not None and len(units) != len(examples):
+            raise ValueError(
+                f"units must hold one TextUnits per example ({len(examples)}), got {len(units)}"
+            )
+        _check_fast(tokenizer, "tokenizer")
+        if teacher_tokenizer is not None:
+            _check_fast(teacher_tokenizer, "teacher_tokenizer")
+        self.items: list[dict[str, Any]] = []
+        dropped = 0
+        for i, example in enumerate(examples):
+            eos = example.response_start > 0 if add_eos is None else add_eos
+            ids, offsets, n_prompt = _encode(tokenizer, example, max_length, eos)
+            if len(ids) - n_prompt - eos < 1 or len(ids) < 2:  # no response token left
+                dropped += 1
+                continue
+            item: dict[str, Any] = {"input_ids": ids, "labels": [-100] * n_prompt + ids[n_prompt:]}
+            teacher_offsets = None
+            if teacher_tokenizer is not None:
+                item["teacher_input_ids"], teacher_offsets, _ = _encode(
+                    teacher_tokenizer, example, max_length, eos
+                )
+            if units is not None:
+                item.update(example_unit_spans(units[i], offsets, teacher_offsets))
+            self.items.append(item)
+        if dropped:
+            logger.warning(
+                "dropped %d of %d examples whose prompt fills max_length=%d (no response token)",
+                dropped,
+                len(examples),
+                max_length,
+            )
+        if not self.items:
+            raise ValueError(
+                f"no example has a response token within max_length={max_length}: raise max_length"
+            )
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.items[index]
+
+
+def _pad(rows: Sequence[Sequence[int]], value: int) -> Tensor:
+    out = torch.full((len(rows), max(len(r) for r in rows)), value, dtype=torch.long)
+    for b, row in enumerate(rows):
+        out[b, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+    return out
+
+
+@dataclass
+class DistillationCollator:
+    """Right-pads a list of :class:`DistillationDataset` items into a batch.
+
+    Returns ``input_ids`` / ``attention_mask`` / ``labels`` LongTensor[B, T] (labels ``-100`` on
+    padding), ``teacher_input_ids`` / ``teacher_attention_mask`` [B, T'] when the items carry them,
+    and the unit keys (``{g}_student_spans`` / ``{g}_teacher_spans`` LongTensor[B, K_g, 2],
+    ``{g}_span_mask`` BoolTensor[B, K_g]) when the items carry units.
+    """
+
+    pad_token_id: int
+    teacher_pad_token_id: int | None = None
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
+        ids = _pad([f["input_ids"] for f in features], self.pad_token_id)
+        lengths = torch.tensor([len(f["input_ids"]) for f in features])
+        batch = {
+            "input_ids": ids,
+            "attention_mask": (torch.arange(ids.shape[1]) < lengths[:, None]).long(),
+            "labels": _pad([f["labels"] for f in features], -100),
+        }
+        if "teacher_input_ids" in features[0]:
+            pad = (
+                self.pad_token_id
+                if self.teacher_pad_token_id is None
+                else self.teacher_pad_token_id
+            )
+            teacher = [f["teacher_input_ids"] for f in features]
+            t_ids = _pad(teacher, pad)
+            t_lengths = torch.tensor([len(t) for t in teacher])
+            batch["teacher_input_ids"] = t_ids
+            batch["teacher_attention_mask"] = (
+                torch.arange(t_ids.shape[1]) < t_lengths[:, None]
+            ).long()
+        if f"{GRANULARITIES[0]}_student_spans" in features[0]:
+            batch.update(pad_unit_spans(features))
+        return batch
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The tokenizer's pad id, else its EOS id (GPT-2 has no pad token; padding is masked)."""
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return int(value)
+    raise ValueError("the tokenizer has neither a pad nor an EOS token: set tokenizer.pad_token")
+
+
+def load_units(
+    examples: Sequence[Example],
+    cache: str | Path | None = None,
+    nlp: Any = None,
+    write_cache: bool = True,
+) -> list[TextUnits]:
+    """Units of each example's content regions, from the cache file ``cache`` (texts missing
+    from it are parsed with spaCy and appended when ``write_cache``) or parsed in memory.
+
+    Raises:
+        ImportError: texts need parsing and spaCy (or its English pipeline) is not installed; the
+            message says how to build the cache or install spaCy.
+    """
+    texts = [e.text for e in examples]
+    regions = [e.regions for e in examples]
+    try:
+        if cache is None:
+            return extract_units(texts, nlp, regions=regions)
+        return UnitCache(cache, nlp, write=write_cache).units(texts, regions)
+    except ImportError as err:
+        where = (
+            f"the units cache {str(cache)!r} is missing or lacks some of these texts"
+            if cache is not None
+            else "no units cache is configured (data.units_cache)"
+        )
+        raise ImportError(
+            f"MTA needs the linguistic units of every example, but {where} and they cannot be "
+            f"parsed here: {err}. Either install spaCy (pip install 'mta[spacy]') or build the "
+            "cache on a machine that has it: mta-prepare DATA.jsonl --cache CACHE.jsonl "
+            "--fields instruction input context output response prompt text"
+        ) from err
+
+
+def build_dataset(
+    path: str | Path,
+    tokenizer: Any,
+    *,
+    fmt: str = "auto",
+    template: str | PromptTemplate = "dolly",
+    max_length: int = 512,
+    max_samples: int | None = None,
+    teacher_tokenizer: Any = None,
+    with_units: bool = True,
+    units_cache: str | Path | None = None,
+    nlp: Any = None,
+    write_cache: bool = True,
+) -> DistillationDataset:
+    """Read a JSONL file and build its :class:`DistillationDataset` (units only if
+    ``with_units``; ``teacher_tokenizer`` only when it differs from ``tokenizer``)."""
+    records = read_jsonl(path)
+    if max_samples is not None:
+        records = records[:max_samples]
+    examples = [
+        format_record(r, fmt, template, where=f"{path}:record {i + 1}")
+        for i, r in enumerate(records)
+    ]
+    units = load_units(examples, units_cache, nlp, write_cache) if with_units else None
+    return DistillationDataset(examples, tokenizer, max_length, teacher_tokenizer, units)

@@ -1,0 +1,576 @@
+"""``MTATrainer``: a ``transformers.Trainer`` that distills a frozen teacher into a student with
+a base KD loss plus the MTA term (DESIGN §2 Eq. 14)::
+
+    L = L_base(student_logits, teacher_logits, labels) + λ_DSA·L_DSA + λ_HRA·L_HRA
+
+Design:
+
+* The trainer's ``model`` is :class:`StudentWithProjectors`, an ``nn.Module`` holding the student
+  and the :class:`~mta.loss.MTALoss` (its projectors). Wrapping both is what makes multi-process
+  training correct without special cases: DDP/FSDP/DeepSpeed wrap the projectors with the student,
+  so their gradients are all-reduced (or sharded) and clipped with the student's, and the MTA loss
+  is computed inside the wrapped forward. The teacher is kept outside (frozen, ``eval()``, moved to
+  the student's device): it is neither broadcast nor checkpointed.
+* Only the aligned hidden states are kept: both models run with ``output_hidden_states=True``
+  and every layer not in the layer plan is dropped right after the forward.
+* The projectors get their own optimizer parameter group (``projector_learning_rate``, default
+  5e-4, ``projector_weight_decay`` 0); the scheduler scales both groups alike.
+* Checkpoints and the final export hold the student as a plain Hugging Face model
+  (``save_pretrained``) with the projectors beside it in ``mta_projectors.safetensors``; resume
+  restores student, projectors, optimizer (both groups), scheduler and RNG.
+* Loss normalisation matches ``transformers``' token-count convention: the base loss is summed
+  over response tokens and divided by the number of response tokens of the whole optimizer step
+  (all micro-batches and, with ``average_tokens_across_devices``, all processes); the MTA term is a
+  mean over the examples of each micro-batch, divided by the accumulation steps. One process with
+  batch ``B·N`` and ``N`` processes with batch ``B`` then take the same step.
+* Every component (``base_loss``, ``dsa``, ``hra``, ``dsa/<s>-<t>``, …, ``mta``) is averaged
+  over the logging window (and over processes) and logged next to ``loss``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers.trainer import TRAINING_ARGS_NAME, load_sharded_checkpoint
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, ModelOutput
+
+from mta.kd_losses import KINDS, distillation_loss
+from mta.layers import LayerPair
+from mta.loss import MTALoss
+
+__all__ = [
+    "PROJECTORS_NAME",
+    "MTATrainer",
+    "MTATrainingArguments",
+    "StudentWithProjectors",
+    "load_projectors",
+    "same_tokenizer",
+]
+
+PROJECTORS_NAME = "mta_projectors.safetensors"
+
+
+@dataclass
+class MTATrainingArguments(TrainingArguments):
+    """``TrainingArguments`` plus the distillation settings.
+
+    ``remove_unused_columns`` defaults to ``False`` (the batches carry unit spans the student's
+    forward does not take) and ``ddp_find_unused_parameters`` to ``False`` (every student and
+    projector parameter gets a gradient each step).
+    """
+
+    base_loss: str = field(
+        default="fkl", metadata={"help": f"Base distillation loss, one of {KINDS}."}
+    )
+    temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the KD."})
+    skew_alpha: float = field(default=0.1, metadata={"help": "α of skew_fkl / skew_rkl."})
+    vocab_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Truncate both logits to this many entries (teacher and student share a "
+            "tokenizer but one pads its embeddings). Default: inferred from the tokenizer."
+        },
+    )
+    projector_learning_rate: float = field(
+        default=5e-4, metadata={"help": "Learning rate of the MTA projectors' parameter group."}
+    )
+    projector_weight_decay: float = field(
+        default=0.0, metadata={"help": "Weight decay of the MTA projectors' parameter group."}
+    )
+    remove_unused_columns: bool = False
+    ddp_find_unused_parameters: bool | None = False
+
+    def __post_init__(self) -> None:
+        if self.base_loss not in KINDS:
+            raise ValueError(f"base_loss must be one of {KINDS}, got {self.base_loss!r}")
+        if self.projector_learning_rate <= 0:
+            raise ValueError(
+                f"projector_learning_rate must be > 0, got {self.projector_learning_rate}"
+            )
+        super().__post_init__()
+
+
+@dataclass
+class StudentOutput(ModelOutput):
+    """Output of :class:`StudentWithProjectors`: student ``logits`` [B, T, V], the MTA term
+    ``mta_loss`` (float32 scalar, or None) and its detached ``mta_components``."""
+
+    logits: Tensor | None = None
+    mta_loss: Tensor | None = None
+    mta_components: dict[str, Tensor] | None = None
+
+
+class StudentWithProjectors(nn.Module):
+    """The trainable part of MTA distillation: the student and the MTA loss (projectors).
+
+    Its forward runs the student, keeps only the aligned hidden states and computes the MTA term,
+    so that a distributed wrapper (DDP, FSDP, DeepSpeed) sees every trainable parameter.
+    ``loss_type``/``accepts_loss_kwargs`` tell ``transformers.Trainer`` to count response tokens
+    with the causal shift (``labels[:, 1:]``) for the loss normalisation.
+    """
+
+    loss_type = "ForCausalLM"
+    accepts_loss_kwargs = True
+    main_input_name = "input_ids"
+
+    def __init__(self, student: PreTrainedModel, mta_loss: MTALoss | None = None) -> None:
+        super().__init__()
+        self.student = student
+        self.mta_loss = mta_loss
+
+    @property
+    def config(self) -> Any:
+        """The student's config (``Trainer`` reads and sets ``use_cache`` and special tokens)."""
+        return self.student.config
+
+    def num_parameters(self, *args: Any, **kwargs: Any) -> int:
+        """The student's parameter count (used by ``Trainer`` for FLOP estimates)."""
+        return self.student.num_parameters(*args, **kwargs)
+
+    def activation_checkpointing_enable(self, **kwargs: Any) -> None:
+        """Forwarded to the student (``TrainingArguments.activation_checkpointing``)."""
+        self.student.activation_checkpointing_enable(**kwargs)
+
+    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+        """Forwarded to the student (the name older ``transformers`` releases call)."""
+        self.student.gradient_checkpointing_enable(**kwargs)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        teacher_hidden_states: Mapping[int, Tensor] | None = None,
+        mta_batch: Mapping[str, Tensor] | None = None,
+    ) -> StudentOutput:
+        """Student forward + MTA term.
+
+        Args:
+            input_ids, attention_mask: student tokens [B, T].
+            teacher_hidden_states: ``{teacher layer: [B, T', d_T]}`` for the layer plan (no grad).
+            mta_batch: the batch's unit keys (``<g>_student_spans``, ``<g>_span_mask``, …) and
+                masks, as consumed by :class:`~mta.loss.MTALoss`.
+        """
+        use_mta = self.mta_loss is not None
+        out = self.student(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_hidden_states=use_mta,
+            use_cache=False,
+            return_dict=True,
+        )
+        if not use_mta:
+            return StudentOutput(logits=out.logits)
+        if teacher_hidden_states is None or mta_batch is None:
+            raise ValueError("the MTA term needs teacher_hidden_states and mta_batch")
+        hidden = {p.student_layer: out.hidden_states[p.student_layer] for p in self.layer_pairs}
+        logits = out.logits
+        del out  # drop the other layers' hidden states
+        mta = self.mta_loss(hidden, teacher_hidden_states, mta_batch)
+        return StudentOutput(logits=logits, mta_loss=mta.loss, mta_components=mta.components)
+
+    @property
+    def layer_pairs(self) -> tuple[LayerPair, ...]:
+        """The MTA layer plan (empty without an MTA loss)."""
+        return () if self.mta_loss is None else self.mta_loss.layer_pairs
+
+
+def _num_layers(model: PreTrainedModel) -> int:
+    config = model.config.get_text_config()
+    return int(config.num_hidden_layers)
+
+
+def _hidden_size(model: PreTrainedModel) -> int:
+    config = model.config.get_text_config()
+    return int(config.hidden_size)
+
+
+def _vocab_rows(model: PreTrainedModel) -> int:
+    """Rows of the LM head (the logits' last dimension)."""
+    head = model.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(model.config.get_text_config().vocab_size)
+
+
+def same_tokenizer(a: Any, b: Any) -> bool:
+    """Whether two tokenizers map text to the same ids (same object or same vocabulary)."""
+    return a is b or (len(a) == len(b) and a.get_vocab() == b.get_vocab())
+
+
+def projector_metadata(mta_loss: MTALoss) -> dict[str, str]:
+    """What is needed to rebuild the projectors' module: stored in the safetensors header."""
+    return {
+        "format": "pt",
+        "student_hidden_size": str(mta_loss.student_hidden_size),
+        "teacher_hidden_size": str(mta_loss.teacher_hidden_size),
+        "layer_pairs": json.dumps(
+            [[p.student_layer, p.teacher_layer, p.granularity] for p in mta_loss.layer_pairs]
+        ),
+    }
+
+
+def load_projectors(path: str | os.PathLike[str], mta_loss: MTALoss) -> None:
+    """Load ``mta_projectors.safetensors`` (a file or the directory holding it) into ``mta_loss``.
+
+    Raises:
+        FileNotFoundError: no projector file there.
+        ValueError: the file was saved for other layers or widths.
+    """
+    path = os.fspath(path)
+    file = os.path.join(path, PROJECTORS_NAME) if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise FileNotFoundError(
+            f"no MTA projectors at {file!r}: checkpoints written by MTATrainer hold "
+            f"{PROJECTORS_NAME} beside the student's weights"
+        )
+    with safetensors.safe_open(file, framework="pt") as handle:
+        saved = handle.metadata() or {}
+    expected = projector_metadata(mta_loss)
+    for key in ("student_hidden_size", "teacher_hidden_size", "layer_pairs"):
+        if key in saved and saved[key] != expected[key]:
+            raise ValueError(
+                f"{file!r} holds projectors for {key}={saved[key]} but the MTA loss has "
+                f"{key}={expected[key]}; build the MTALoss with the run's layer plan"
+            )
+    state = safetensors.torch.load_file(file, device="cpu")
+    mta_loss.load_state_dict(state, strict=True)
+
+
+class MTATrainer(Trainer):
+    """Distill ``teacher_model`` into ``model`` with a base KD loss plus MTA.
+
+    Args:
+        model: the student (``PreTrainedModel`` with an LM head); trained.
+        teacher_model: the teacher; frozen (``requires_grad_(False)``, ``eval()``) and moved to
+            the training device unless it was dispatched with a ``device_map``.
+        args: :class:`MTATrainingArguments`.
+        mta_loss: the :class:`~mta.loss.MTALoss` (layer plan and projectors), or None for the
+            base loss alone.
+        processing_class: the student's tokenizer (saved with checkpoints; used to resolve a
+            padded vocabulary).
+        teacher_processing_class: the teacher's tokenizer if it differs from the student's; the
+            batches must then carry ``teacher_input_ids``/``teacher_attention_mask`` and units
+            mapped to each tokenization, and ``base_loss`` must be ``"ce"``.
+        **kwargs: the other ``transformers.Trainer`` arguments (``data_collator``,
+            ``train_dataset``, ``eval_dataset``, ``callbacks``, …).
+
+    Raises:
+        ValueError: a layer of the plan is out of range, the hidden sizes do not match the MTA
+            loss, the vocabularies cannot be reconciled, or different tokenizers are combined
+            with a logit-level base loss.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        teacher_model: PreTrainedModel,
+        args: MTATrainingArguments,
+        mta_loss: MTALoss | None = None,
+        processing_class: Any = None,
+        teacher_processing_class: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(args, MTATrainingArguments):
+            raise TypeError(f"args must be MTATrainingArguments, got {type(args).__name__}")
+        if "model_init" in kwargs:
+            raise ValueError("MTATrainer does not support model_init: pass the student as model")
+        self.cross_tokenizer = teacher_processing_class is not None and not (
+            processing_class is not None
+            and same_tokenizer(processing_class, teacher_processing_class)
+        )
+        if self.cross_tokenizer and args.base_loss != "ce":
+            raise ValueError(
+                f"base_loss={args.base_loss!r} compares the teacher's and the student's "
+                "next-token distributions, which needs one shared vocabulary; the teacher and "
+                "student tokenizers differ. Use base_loss='ce' (MTA's unit alignment works "
+                "across tokenizers) or give both models the same tokenizer."
+            )
+        self._check_layer_plan(model, teacher_model, mta_loss)
+        self.vocab_size = self._resolve_vocab(model, teacher_model, args, processing_class)
+        teacher_model.requires_grad_(False)
+        teacher_model.eval()
+        self.teacher = teacher_model
+        super().__init__(
+            model=StudentWithProjectors(model, mta_loss),
+            args=args,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        self.label_names = ["labels"]
+        if getattr(teacher_model, "hf_device_map", None) is None:
+            self.teacher.to(self.args.device)
+        forward_params = inspect.signature(teacher_model.forward).parameters
+        self._teacher_takes_logits_to_keep = "logits_to_keep" in forward_params
+        self._component_sums: dict[str, Tensor] = {}
+        self._component_count = 0
+
+    # ---- construction checks ------------------------------------------------------------
+
+    @staticmethod
+    def _check_layer_plan(
+        student: PreTrainedModel, teacher: PreTrainedModel, mta_loss: MTALoss | None
+    ) -> None:
+        if mta_loss is None:
+            return
+        if not isinstance(mta_loss, MTALoss):
+            raise TypeError(f"mta_loss must be an mta.loss.MTALoss, got {type(mta_loss).__name__}")
+        for side, model, width in (
+            ("student", student, mta_loss.student_hidden_size),
+            ("teacher", teacher, mta_loss.teacher_hidden_size),
+        ):
+            if _hidden_size(model) != width:
+                raise ValueError(
+                    f"mta_loss was built for a {side} hidden size of {width} but the {side} has "
+                    f"hidden_size={_hidden_size(model)}"
+                )
+            depth = _num_layers(model)
+            for pair in mta_loss.layer_pairs:
+                layer = getattr(pair, f"{side}_layer")
+                if layer > depth:
+                    raise ValueError(
+                        f"layer pair {pair.name} uses {side} layer {layer}, out of range: the "
+                        f"{side} has {depth} layers (hidden_states indices 1..{depth}); fix "
+                        "mta.layer_pairs or build the plan with mta.layers.plan_layers("
+                        f"{_num_layers(student)}, {_num_layers(teacher)})"
+                    )
+
+    def _resolve_vocab(
+        self,
+        student: PreTrainedModel,
+        teacher: PreTrainedModel,
+        args: MTATrainingArguments,
+        tokenizer: Any,
+    ) -> int | None:
+        """Vocabulary the base loss runs over (None: the logits' own, which match)."""
+        if args.base_loss == "ce" or self.cross_tokenizer:
+            return None
+        rows_s, rows_t = _vocab_rows(student), _vocab_rows(teacher)
+        if args.vocab_size is not None:
+            return args.vocab_size
+        if rows_s == rows_t:
+            return None
+        if tokenizer is None:
+            raise ValueError(
+                f"the student's LM head has {rows_s} rows and the teacher's {rows_t}: pass the "
+                "shared tokenizer as processing_class (or set vocab_size in "
+                "MTATrainingArguments) so that both logits can be truncated to the real vocabulary"
+            )
+        if len(tokenizer) > min(rows_s, rows_t):
+            raise ValueError(
+                f"the tokenizer has {len(tokenizer)} tokens but the student's LM head has "
+                f"{rows_s} rows and the teacher's {rows_t}: the smaller model cannot score every "
+                "token. Resize its embeddings (model.resize_token_embeddings(len(tokenizer))) or "
+                "use base_loss='ce'."
+            )
+        return len(tokenizer)
+
+    # ---- accessors ---------------------------------------------------------------------
+
+    @property
+    def wrapper(self) -> StudentWithProjectors:
+        """The (unwrapped) :class:`StudentWithProjectors`."""
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def student(self) -> PreTrainedModel:
+        """The student model."""
+        return self.wrapper.student
+
+    @property
+    def mta_loss(self) -> MTALoss | None:
+        """The MTA loss module (projectors), or None."""
+        return self.wrapper.mta_loss
+
+    # ---- optimizer ---------------------------------------------------------------------
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """The ``Trainer``'s optimizer over the student, plus one group for the projectors
+        (``projector_learning_rate``, ``projector_weight_decay``)."""
+        if self.optimizer is not None:
+            return self.optimizer
+        wrapper = self.accelerator.unwrap_model(model if model is not None else self.model)
+        optimizer = super().create_optimizer(wrapper.student)
+        if wrapper.mta_loss is not None:
+            params = [p for p in wrapper.mta_loss.parameters() if p.requires_grad]
+            if params:
+                optimizer.add_param_group(
+                    {
+                        "params": params,
+                        "lr": self.args.projector_learning_rate,
+                        "weight_decay": self.args.projector_weight_decay,
+                    }
+                )
+        return optimizer
+
+    # ---- loss --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _teacher_forward(self, inputs: Mapping[str, Tensor]) -> tuple[Tensor | None, dict]:
+        """Teacher logits (None for ``ce``) and ``{layer: hidden}`` of the aligned layers only."""
+        layers = sorted({p.teacher_layer for p in self.wrapper.layer_pairs})
+        need_logits = self.args.base_loss != "ce"
+        if not layers and not need_logits:
+            return None, {}
+        if self.teacher.training:
+            self.teacher.eval()
+        kwargs: dict[str, Any] = {}
+        if not need_logits and self._teacher_takes_logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        out = self.teacher(
+            input_ids=inputs.get("teacher_input_ids", inputs["input_ids"]),
+            attention_mask=inputs.get("teacher_attention_mask", inputs["attention_mask"]),
+            output_hidden_states=bool(layers),
+            use_cache=False,
+            return_dict=True,
+            **kwargs,
+        )
+        hidden = {layer: out.hidden_states[layer] for layer in layers}
+        logits = out.logits if need_logits else None
+        del out  # drop the other layers' hidden states now
+        return logits, hidden
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: Tensor | int | None = None,
+    ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+        """``L_base + L_MTA`` of one micro-batch (normalised as in the module docstring)."""
+        if self.cross_tokenizer and "teacher_input_ids" not in inputs:
+            raise ValueError(
+                "the teacher's tokenizer differs from the student's but the batch has no "
+                "teacher_input_ids: build the dataset with teacher_tokenizer= (mta.data)"
+            )
+        if "teacher_input_ids" in inputs and self.args.base_loss != "ce":
+            raise ValueError(
+                "the batch has teacher_input_ids (different tokenizers) but base_loss="
+                f"{self.args.base_loss!r} needs a shared vocabulary: use base_loss='ce'"
+            )
+        labels = inputs["labels"]
+        teacher_logits, teacher_hidden = self._teacher_forward(inputs)
+        outputs = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            teacher_hidden_states=teacher_hidden,
+            mta_batch=inputs,
+        )
+        kd = {
+            "kind": self.args.base_loss,
+            "temperature": self.args.temperature,
+            "skew_alpha": self.args.skew_alpha,
+            "vocab_size": self.vocab_size,
+        }
+        base_sum = distillation_loss(outputs.logits, teacher_logits, labels, reduction="sum", **kd)
+        num_local = (labels[:, 1:] != -100).sum().clamp(min=1)
+        mta = outputs.mta_loss
+        if num_items_in_batch is None:
+            loss = base_sum / num_local
+            if mta is not None:
+                loss = loss + mta
+        else:
+            scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+            loss = base_sum * scale / torch.as_tensor(num_items_in_batch).clamp(min=1)
+            if mta is not None:
+                loss = loss + mta / self.current_gradient_accumulation_steps
+        if model.training:
+            self._accumulate_components(base_sum.detach() / num_local, outputs.mta_components)
+        if return_outputs:
+            return loss, {"logits": outputs.logits}
+        return loss
+
+    # ---- logging -----------------------------------------------------------------------
+
+    def _accumulate_components(self, base: Tensor, mta: Mapping[str, Tensor] | None) -> None:
+        values = {"base_loss": base, **(mta or {})}
+        for key, value in values.items():
+            previous = self._component_sums.get(key)
+            value = value.detach().float()
+            self._component_sums[key] = value if previous is None else previous + value
+        self._component_count += 1
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the loss components, averaged over the logging window (and processes), to the
+        training logs."""
+        if "loss" in logs and self._component_count:
+            keys = sorted(self._component_sums)
+            means = torch.stack([self._component_sums[k] for k in keys]) / self._component_count
+            if self.args.world_size > 1:
+                means = self.accelerator.reduce(means, reduction="mean")
+            logs.update(zip(keys, means.tolist(), strict=True))
+            self._component_sums.clear()
+            self._component_count = 0
+        super().log(logs, start_time)
+
+    # ---- saving / loading --------------------------------------------------------------
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Save the student as a plain HF model and the projectors beside it."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        wrapper = self.wrapper
+        student_state = projector_state = None
+        if state_dict is not None:  # gathered by DeepSpeed/FSDP: split by submodule prefix
+            student_state = {
+                k.removeprefix("student."): v
+                for k, v in state_dict.items()
+                if k.startswith("student.")
+            }
+            projector_state = {
+                k.removeprefix("mta_loss."): v
+                for k, v in state_dict.items()
+                if k.startswith("mta_loss.")
+            }
+        wrapper.student.save_pretrained(output_dir, state_dict=student_state)
+        if wrapper.mta_loss is not None:
+            if projector_state is None:
+                projector_state = wrapper.mta_loss.state_dict()
+            safetensors.torch.save_file(
+                {k: v.detach().contiguous().cpu() for k, v in projector_state.items()},
+                os.path.join(output_dir, PROJECTORS_NAME),
+                metadata=projector_metadata(wrapper.mta_loss),
+            )
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(
+        self, resume_from_checkpoint: str, model: nn.Module | None = None
+    ) -> None:
+        """Load the student's weights and the projectors from a checkpoint directory."""
+        wrapper = self.accelerator.unwrap_model(model if model is not None else self.model)
+        student = wrapper.student
+        single = os.path.join(resume_from_checkpoint, SAFE_WEIGHTS_NAME)
+        if os.path.isfile(single):
+            state = safetensors.torch.load_file(single, device="cpu")
+            result = student.load_state_dict(state, strict=False)
+        elif os.path.isfile(os.path.join(resume_from_checkpoint, SAFE_WEIGHTS_INDEX_NAME)):
+            result = load_sharded_checkpoint(student, resume_from_checkpoint, strict=False)
+        else:
+            raise ValueError(
+                f"no student weights ({SAFE_WEIGHTS_NAME}) in checkpoint {resume_from_checkpoint!r}"
+            )
+        # Keys of tied parameters (lm_head ↔ embeddings) are not saved; anything else must be.
+        own = {name for name, _ in student.named_parameters()}
+        missing = [k for k in result.missing_keys if k in own]
+        if missing or result.unexpected_keys:
+            raise ValueError(
+                f"checkpoint {resume_from_checkpoint!r} does not match the student: missing "
+                f"{missing}, unexpected {list(result.unexpected_keys)}"
+            )
+        if wrapper.mta_loss is not None:
+            load_projectors(resume_from_checkpoint, wrapper.mta_loss)
+
+    def _load_best_model(self) -> None:
+        self._load_from_checkpoint(self.state.best_model_checkpoint)

@@ -1,0 +1,164 @@
+"""Tests of the YAML config, ``mta-distill`` (config runs and the demo) and ``mta-eval``.
+
+The end-to-end runs call ``main()`` in-process (the console scripts are thin shims around it;
+``--help`` checks the installed entry points) and need spaCy for the units. As in
+tests/test_trainer.py the MTA ops take their eager reference on CPU (what a user's CPU run does).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+
+import pytest
+import safetensors.torch
+import yaml
+from training_helpers import CONFIGS, RECORDS, TINY, gpt2, make_tokenizer, write_tiny_run
+
+import mta_kernels
+from mta.cli import CONFIG_NAME, build_trainer, main
+from mta.config import load_config
+from mta.data import format_record
+from mta.evaluate import generate, rouge_l
+from mta.evaluate import main as eval_main
+from mta.trainer import PROJECTORS_NAME
+
+
+@pytest.fixture(autouse=True, scope="module")
+def eager_mta_ops():
+    """CPU tensors take the eager reference of the MTA ops, not the Triton interpreter."""
+    with mta_kernels.prefer_reference():
+        yield
+
+
+def test_entry_points_answer_help():
+    for command in ("mta-distill", "mta-eval"):
+        out = subprocess.run([command, "--help"], capture_output=True, text=True, check=True)
+        assert "usage:" in out.stdout
+
+
+def test_repository_configs_load():
+    config = load_config(CONFIGS / "gpt2-xl_to_gpt2_dolly.yaml")
+    assert (config.model.teacher, config.model.student) != ("", "")
+    assert config.training["base_loss"] == "skew_rkl" and config.mta.lambda_dsa == 2.0
+    assert isinstance(config.training["learning_rate"], float)  # "5.0e-4" read as a float
+    tiny = load_config(TINY, ["training.learning_rate=1e-4", "mta.layer_pairs=[[1, 2, word]]"])
+    assert tiny.training["learning_rate"] == 1e-4 and tiny.mta.layer_pairs == [(1, 2, "word")]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "match"),
+    [
+        (
+            ["mta.lamda_dsa=3"],
+            ValueError,
+            "unknown config key 'mta.lamda_dsa'. Did you mean 'mta.lambda_dsa'",
+        ),
+        (["trainer.seed=1"], ValueError, "unknown config key 'trainer'"),
+        (["training.learing_rate=1"], ValueError, "Did you mean 'training.learning_rate'"),
+        (["mta.lambda_dsa=high"], TypeError, "'mta.lambda_dsa' expects float, got str 'high'"),
+        (["training.max_steps=2.5"], TypeError, "'training.max_steps' expects int"),
+        (["mta.metric=l2"], ValueError, r"'mta.metric' must be one of \['cosine', 'euclidean'\]"),
+        (["mta.layer_pairs=[[1, 2]]"], ValueError, r"'mta.layer_pairs\[0\]' expects 3 items"),
+        (["data.max_length"], ValueError, "must look like 'section.key=value'"),
+        (["data.max_length.x=3"], ValueError, "'max_length' is a value, not a section"),
+        (["data.train_file=null"], TypeError, "'data.train_file' expects str"),
+        (["model=gpt2"], TypeError, "config section 'model' must be a mapping"),
+    ],
+)
+def test_config_errors(overrides, error, match):
+    with pytest.raises(error, match=match):
+        load_config(TINY, overrides)
+
+
+def test_config_missing_keys_and_file(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"model": {"teacher": "t"}, "data": {"train_file": "x"}}))
+    with pytest.raises(ValueError, match=r"missing required key\(s\) 'model.student'"):
+        load_config(path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    # the CLI turns config errors into a one-line message and exit status 2
+    assert main(["--config", TINY, "mta.lamda_dsa=3"]) == 2
+    assert "Did you mean 'mta.lambda_dsa'" in capsys.readouterr().err
+
+
+def test_print_config(capsys):
+    assert main(["--config", TINY, "--print-config", "mta.lambda_hra=0.5"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["mta"]["lambda_hra"] == 0.5 and printed["training"]["max_steps"] == 2
+
+
+def test_distill_and_evaluate_end_to_end(tmp_path, capsys):
+    pytest.importorskip("spacy")
+    overrides = write_tiny_run(tmp_path)
+    assert main(["--config", TINY, *overrides]) == 0
+    out = tmp_path / "out"
+    assert {"model.safetensors", PROJECTORS_NAME, CONFIG_NAME, "tokenizer.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    weights = safetensors.torch.load_file(out / "model.safetensors")
+    assert all(k.startswith(("transformer.", "lm_head.")) for k in weights)  # a plain GPT-2
+    assert yaml.safe_load((out / CONFIG_NAME).read_text())["model"]["teacher"].endswith("teacher")
+    capsys.readouterr()
+    eval_file = tmp_path / "test.jsonl"
+    prompted = [r for r in RECORDS if "text" not in r]
+    eval_file.write_text("".join(json.dumps(r) + "\n" for r in prompted))
+    pred = tmp_path / "pred.jsonl"
+    args = ["--model", str(out), "--max-new-tokens", "8", "--batch-size", "4"]
+    assert eval_main([*args, "--data", str(eval_file), "--output", str(pred)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["n"] == len(prompted) and 0 <= summary["rougeL"] <= 100
+    assert math.isfinite(summary["perplexity"]) and summary["perplexity"] > 1
+    rows = [json.loads(line) for line in pred.read_text().splitlines()]
+    assert len(rows) == len(prompted) and isinstance(rows[0]["prediction_seed0"], str)
+    with pytest.raises(ValueError, match="plain text"):
+        eval_main([*args, "--data", str(tmp_path / "train.jsonl")])
+
+
+def test_generate_left_pads_without_a_pad_token():
+    tok = make_tokenizer([format_record(r).text for r in RECORDS], "metaspace", 340)
+    assert tok.pad_token is None
+    model = gpt2(tok, 2, 32).eval()
+    prompts = ["Name the colour of a clear sky.", "Cats sleep"]
+    batched = generate(model, tok, prompts, max_new_tokens=4)
+    # greedy decoding of a left-padded batch = each prompt alone
+    assert batched == [generate(model, tok, [p], max_new_tokens=4)[0] for p in prompts]
+    assert tok.pad_token is None and tok.padding_side == "right"  # restored
+
+
+def test_rouge_l_values():
+    assert rouge_l(["the cat sat"], ["the cat sat"]) == pytest.approx(100.0)
+    # LCS 2 of 2 predicted / 4 reference words: F = 2·1·0.5 / 1.5
+    assert rouge_l(["the cat"], ["the cat sat down"]) == pytest.approx(100 * 2 / 3)
+    assert rouge_l(["dogs run", "the cat"], ["cats sleep", "the cat"]) == pytest.approx(50.0)
+
+
+def test_cross_tokenizer_run_needs_ce(tmp_path):
+    overrides = write_tiny_run(tmp_path, cross=True)
+    config = load_config(TINY, [*overrides, "mta.enabled=false"])
+    with pytest.raises(ValueError, match="Use base_loss='ce'"):
+        build_trainer(config)
+    trainer = build_trainer(
+        load_config(TINY, [*overrides, "mta.enabled=false", "training.base_loss=ce"])
+    )
+    assert trainer.cross_tokenizer and "teacher_input_ids" in trainer.train_dataset[0]
+
+
+def test_demo_quick_end_to_end(tmp_path, capsys):
+    pytest.importorskip("spacy")
+    out, cache = tmp_path / "demo", tmp_path / "cache"
+    assert main(["demo", "--quick", "--output-dir", str(out), "--cache-dir", str(cache)]) == 0
+    printed = capsys.readouterr().out
+    assert "student KD+MTA" in printed and "held-out ppl" in printed
+    results = json.loads((out / "results.json").read_text())
+    for name in ("KD", "KD+MTA"):
+        row = results["students"][name]
+        assert math.isfinite(row["perplexity"]) and math.isfinite(row["base_loss"])
+    assert math.isfinite(results["students"]["KD+MTA"]["dsa"])
+    assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "kd_mta" / PROJECTORS_NAME).is_file() and not (
+        out / "kd" / PROJECTORS_NAME
+    ).exists()
+    assert any(cache.glob("demo-teacher-*/model.safetensors"))

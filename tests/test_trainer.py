@@ -1,0 +1,285 @@
+"""Tests of MTATrainer on tiny GPT-2 and LLaMA pairs built from configs (teacher deeper and wider
+than the student) and one cross-tokenizer pair (LLaMA teacher with a SentencePiece-style
+tokenizer, GPT-2 student with a byte-level BPE, both trained in the test).
+
+Units come from a regex (``test_data.regex_units``) so these tests need no spaCy. Everything runs
+on CPU in float32; the resume test asserts bitwise equality (same ops in the same order on one
+CPU process are deterministic). The MTA ops take their eager reference on CPU here
+(:func:`eager_mta_ops`): tests/conftest.py routes CPU tensors through the Triton interpreter,
+which the kernel tests cover and which would make a training run take minutes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import safetensors.torch
+import torch
+from training_helpers import RECORDS, gpt2, make_tokenizer, regex_units
+from transformers import GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import mta_kernels
+from mta.data import DistillationCollator, DistillationDataset, format_record, pad_token_id
+from mta.layers import LayerPair, plan_layers
+from mta.loss import MTALoss
+from mta.trainer import PROJECTORS_NAME, MTATrainer, MTATrainingArguments, load_projectors
+
+EXAMPLES = [format_record(r) for r in RECORDS]
+MAX_LENGTH = 192  # every example's prompt and response fit
+
+
+@pytest.fixture(autouse=True, scope="module")
+def eager_mta_ops():
+    """CPU tensors take the eager reference of the MTA ops, not the Triton interpreter."""
+    with mta_kernels.prefer_reference():
+        yield
+
+
+@pytest.fixture(scope="module")
+def toks():
+    texts = [e.text for e in EXAMPLES]
+    return {
+        "bytelevel": make_tokenizer(texts, "bytelevel", 300),
+        "metaspace": make_tokenizer(texts, "metaspace", 340),
+    }
+
+
+def llama(tok, layers, width):
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    )
+
+
+def make_pair(kind, toks, student_dropout=0.0):
+    """(teacher, student, student tokenizer, teacher tokenizer or None): teacher 4 layers × 48,
+    student 2 layers × 32."""
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        tok = toks["bytelevel"]
+        return gpt2(tok, 4, 48), gpt2(tok, 2, 32, student_dropout), tok, None
+    if kind == "llama":
+        tok = toks["metaspace"]
+        return llama(tok, 4, 48), llama(tok, 2, 32), tok, None
+    student_tok, teacher_tok = toks["bytelevel"], toks["metaspace"]
+    return llama(teacher_tok, 4, 48), gpt2(student_tok, 2, 32), student_tok, teacher_tok
+
+
+def make_trainer(tmp_path, kind, toks, mta=True, student_dropout=0.0, **overrides):
+    teacher, student, tok, teacher_tok = make_pair(kind, toks, student_dropout)
+    units = [regex_units(e) for e in EXAMPLES]
+    dataset = DistillationDataset(
+        EXAMPLES, tok, MAX_LENGTH, teacher_tokenizer=teacher_tok, units=units
+    )
+    pairs = plan_layers(2, 4, num_key_layers=2)
+    mta_loss = MTALoss(32, 48, pairs) if mta else None
+    settings = {
+        "output_dir": str(tmp_path),
+        "max_steps": 2,
+        "per_device_train_batch_size": 3,
+        "learning_rate": 1e-3,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "base_loss": "ce" if teacher_tok is not None else "fkl",
+        **overrides,
+    }
+    collator = DistillationCollator(
+        pad_token_id(tok), pad_token_id(teacher_tok) if teacher_tok is not None else None
+    )
+    return MTATrainer(
+        model=student,
+        teacher_model=teacher,
+        args=MTATrainingArguments(**settings),
+        mta_loss=mta_loss,
+        processing_class=tok,
+        teacher_processing_class=teacher_tok,
+        data_collator=collator,
+        train_dataset=dataset,
+    )
+
+
+def clone(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "cross"])
+def test_steps_update_student_and_projectors_not_teacher(tmp_path, toks, kind):
+    trainer = make_trainer(tmp_path, kind, toks)
+    student0, proj0, teacher0 = (
+        clone(trainer.student),
+        clone(trainer.mta_loss),
+        clone(trainer.teacher),
+    )
+    trainer.train()
+    assert all(not p.requires_grad for p in trainer.teacher.parameters())
+    assert not trainer.teacher.training  # still in eval mode after model.train() calls
+    for name, value in trainer.teacher.state_dict().items():
+        assert torch.equal(value, teacher0[name]), name
+    for before, after, what in (
+        (student0, clone(trainer.student), "student"),
+        (proj0, clone(trainer.mta_loss), "projector"),
+    ):
+        for name, value in after.items():
+            if value.is_floating_point():
+                assert not torch.equal(value, before[name]), f"{what} {name} did not change"
+    logs = [h for h in trainer.state.log_history if "base_loss" in h]
+    assert len(logs) == 2
+    expected = {"loss", "base_loss", "dsa", "hra", "mta", "dsa/1-2", "dsa/2-4", "hra/1-2"}
+    assert expected <= set(logs[0])
+    for log in logs:
+        assert all(math.isfinite(log[k]) for k in expected)
+        # logged total = base + weighted MTA (float32 sums; 1e-5 relative)
+        assert log["loss"] == pytest.approx(log["base_loss"] + log["mta"], rel=1e-5)
+        assert log["mta"] == pytest.approx(2.0 * log["dsa"] + 0.2 * log["hra"], rel=1e-5)
+
+
+def test_loss_decreases(tmp_path, toks):
+    trainer = make_trainer(tmp_path, "gpt2", toks, max_steps=30, learning_rate=3e-3)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "base_loss" in h]
+    assert len(losses) == 30
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    # 30 Adam steps on 6 examples: the measured drop is > 2x; require 30%.
+    assert last < 0.7 * first, losses
+
+
+def test_projectors_have_their_own_param_group(tmp_path, toks):
+    trainer = make_trainer(tmp_path, "gpt2", toks, weight_decay=0.1)
+    optimizer = trainer.create_optimizer()
+    assert len(optimizer.param_groups) == 3
+    projector_group = optimizer.param_groups[2]
+    assert projector_group["lr"] == 5e-4 and projector_group["weight_decay"] == 0.0
+    assert {id(p) for p in projector_group["params"]} == {
+        id(p) for p in trainer.mta_loss.parameters()
+    }
+    student = {id(p) for g in optimizer.param_groups[:2] for p in g["params"]}
+    assert student == {id(p) for p in trainer.student.parameters()}
+    assert optimizer.param_groups[0]["weight_decay"] == 0.1
+
+
+def test_base_loss_alone(tmp_path, toks):
+    trainer = make_trainer(tmp_path, "gpt2", toks, mta=False, max_steps=1)
+    trainer.train()
+    log = trainer.state.log_history[0]
+    assert set(log) >= {"loss", "base_loss"} and "dsa" not in log
+    assert log["loss"] == pytest.approx(log["base_loss"], rel=1e-5)
+
+
+def test_resume_gives_the_same_weights(tmp_path, toks):
+    """6 steps with a checkpoint at 3, then a new trainer resumed from it: bitwise equal weights.
+    Dropout 0.1 and a shuffled sampler make the RNG restore matter; gradient accumulation 2."""
+    settings = {
+        "max_steps": 6,
+        "save_strategy": "steps",
+        "save_steps": 3,
+        "per_device_train_batch_size": 1,
+        "gradient_accumulation_steps": 2,
+    }
+    full = make_trainer(tmp_path / "a", "gpt2", toks, student_dropout=0.1, **settings)
+    full.train()
+    checkpoint = tmp_path / "a" / "checkpoint-3"
+    resumed = make_trainer(tmp_path / "b", "gpt2", toks, student_dropout=0.1, **settings)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    for mine, theirs in ((resumed.student, full.student), (resumed.mta_loss, full.mta_loss)):
+        for (name, a), b in zip(
+            mine.state_dict().items(), theirs.state_dict().values(), strict=True
+        ):
+            assert torch.equal(a, b), name
+    losses = [[h["loss"] for h in t.state.log_history if "base_loss" in h] for t in (full, resumed)]
+    assert losses[1] == losses[0]  # steps 1-3 from the checkpoint's state, 4-6 recomputed
+    # the checkpoint: a plain HF student, the projectors beside it, 3 optimizer groups
+    weights = safetensors.torch.load_file(checkpoint / "model.safetensors")
+    assert not any("projector" in k or k.startswith(("student.", "mta_loss.")) for k in weights)
+    assert (checkpoint / PROJECTORS_NAME).is_file()
+    optimizer = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    assert len(optimizer["param_groups"]) == 3
+    # the final export reloads as a plain model with the trained weights
+    resumed.save_model(str(tmp_path / "final"))
+    exported = GPT2LMHeadModel.from_pretrained(tmp_path / "final")
+    for name, value in exported.state_dict().items():
+        assert torch.equal(value, resumed.student.state_dict()[name]), name
+    projectors = MTALoss(32, 48, plan_layers(2, 4, num_key_layers=2))
+    load_projectors(tmp_path / "final", projectors)
+    for name, value in projectors.state_dict().items():
+        assert torch.equal(value, resumed.mta_loss.state_dict()[name]), name
+    with pytest.raises(ValueError, match="layer_pairs"):
+        load_projectors(tmp_path / "final", MTALoss(32, 48, [LayerPair(2, 4, "word")]))
+
+
+def test_padded_teacher_vocabulary_is_truncated(tmp_path, toks):
+    """Same tokenizer, teacher LM head padded to a multiple of 64 (as Qwen): the base loss runs
+    over the tokenizer's vocabulary."""
+    tok = toks["bytelevel"]
+    teacher = gpt2(tok, 4, 48, vocab=64 * math.ceil((len(tok) + 1) / 64))
+    units = [regex_units(e) for e in EXAMPLES]
+    trainer = MTATrainer(
+        model=gpt2(tok, 2, 32),
+        teacher_model=teacher,
+        args=MTATrainingArguments(
+            output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True, logging_steps=1
+        ),
+        processing_class=tok,
+        data_collator=DistillationCollator(pad_token_id(tok)),
+        train_dataset=DistillationDataset(EXAMPLES, tok, MAX_LENGTH, units=units),
+    )
+    assert trainer.vocab_size == len(tok)
+    trainer.train()
+    assert math.isfinite(trainer.state.log_history[0]["base_loss"])
+
+
+@pytest.mark.parametrize(
+    ("case", "match"),
+    [
+        ("small_head", "Resize its embeddings"),
+        ("cross_kd", "base_loss='ce'"),
+        ("layer_range", "out of range"),
+        ("hidden_size", "hidden size of 64"),
+        ("no_tokenizer", "pass the shared tokenizer"),
+    ],
+)
+def test_configuration_errors(tmp_path, toks, case, match):
+    tok = toks["bytelevel"]
+    kwargs = {"processing_class": tok}
+    teacher, student = gpt2(tok, 4, 48), gpt2(tok, 2, 32)
+    args = {"output_dir": str(tmp_path), "report_to": [], "use_cpu": True}
+    if case == "small_head":
+        student = gpt2(tok, 2, 32, vocab=len(tok) - 5)
+        teacher = gpt2(tok, 4, 48, vocab=len(tok) + 10)
+    elif case == "no_tokenizer":
+        teacher = gpt2(tok, 4, 48, vocab=len(tok) + 10)
+        kwargs = {}
+    elif case == "cross_kd":
+        kwargs["teacher_processing_class"] = toks["metaspace"]
+    elif case == "layer_range":
+        kwargs["mta_loss"] = MTALoss(32, 48, [LayerPair(3, 4, "word")])
+    else:
+        kwargs["mta_loss"] = MTALoss(64, 48, [LayerPair(2, 4, "word")])
+    with pytest.raises(ValueError, match=match):
+        MTATrainer(student, teacher, MTATrainingArguments(**args), **kwargs)
+
+
+def test_bad_base_loss_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="base_loss must be one of"):
+        MTATrainingArguments(output_dir=str(tmp_path), base_loss="kl")
+
+
+def test_teacher_keeps_only_the_aligned_layers(tmp_path, toks):
+    trainer = make_trainer(tmp_path, "gpt2", toks)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    logits, hidden = trainer._teacher_forward(batch)
+    assert sorted(hidden) == [2, 4] and logits.shape[:2] == batch["input_ids"].shape
+    assert not os.listdir(tmp_path)  # nothing saved by merely building a trainer

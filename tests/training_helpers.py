@@ -1,0 +1,118 @@
+"""Shared pieces of the trainer-side tests (data, trainer, CLI, DDP): records, tokenizers trained
+in the test with ``tokenizers`` (nothing from a hub), regex units (no spaCy), tiny GPT-2 models and
+a tiny saved run for configs/tiny.yaml."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from mta.data import Example, format_record
+from mta.spans import TextUnits
+
+RECORDS = [
+    {
+        "instruction": "Name the colour of a clear sky.",
+        "input": "",
+        "output": "The sky is blue on a clear day.",
+    },
+    {
+        "instruction": "Summarize the text in one sentence.",
+        "input": "Cats sleep for most of the day and they hunt small animals at night.",
+        "output": "Cats sleep by day and hunt by night.",
+    },
+    {"prompt": "Question: what does a compiler do?\nAnswer: ", "output": "It translates code."},
+    {"text": "Python lists are mutable sequences that keep their items in order."},
+    {
+        "instruction": "Give two uses of a hammer.",
+        "context": "",
+        "response": "A hammer drives nails and breaks stones into smaller pieces.",
+    },
+    {
+        "instruction": "Explain why the sea is salty.",
+        "input": "Rivers carry minerals.",
+        "output": "Rivers carry dissolved minerals into the sea where water evaporates.",
+    },
+]
+
+
+def make_tokenizer(texts: list[str], kind: str = "bytelevel", vocab_size: int = 320):
+    """A fast HF tokenizer trained on ``texts``: ``bytelevel`` (GPT-2 style) or ``metaspace``
+    (SentencePiece style with a BOS token prepended, as LLaMA)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from mta.demo import train_tokenizer
+
+    if kind == "bytelevel":
+        return train_tokenizer(texts, vocab_size)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    special = ["<unk>", "<s>", "</s>"]
+    tok.train_from_iterator(
+        texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special)
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def regex_units(example: Example) -> TextUnits:
+    """Deterministic units without spaCy: words = ``\\w+`` runs, phrases = word pairs, inside
+    the example's content regions."""
+    words, phrases = [], []
+    for start, end in example.regions:
+        piece = example.text[start:end]
+        words += [(start + m.start(), start + m.end()) for m in re.finditer(r"\w+", piece)]
+        phrases += [(start + m.start(), start + m.end()) for m in re.finditer(r"\w+ \w+", piece)]
+    return TextUnits(np.array(words).reshape(-1, 2), np.array(phrases).reshape(-1, 2))
+
+
+def gpt2(tok, layers, width, dropout=0.0, vocab=None):
+    return GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=vocab or len(tok),
+            n_layer=layers,
+            n_embd=width,
+            n_head=4,
+            n_positions=256,
+            resid_pdrop=dropout,
+            embd_pdrop=dropout,
+            attn_pdrop=dropout,
+            bos_token_id=tok.eos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    )
+
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+TINY = str(CONFIGS / "tiny.yaml")
+
+
+def write_tiny_run(root: Path, records=RECORDS, cross: bool = False) -> list[str]:
+    """Save a tiny teacher (GPT-2 4×48) and student (2×32) with a tokenizer trained on
+    ``records``, and the records as JSONL; return the overrides of configs/tiny.yaml."""
+    texts = [format_record(r).text for r in records]
+    tok = make_tokenizer(texts, "bytelevel", 300)
+    teacher_tok = make_tokenizer(texts, "metaspace", 340) if cross else tok
+    gpt2(teacher_tok, 4, 48).save_pretrained(root / "teacher")
+    teacher_tok.save_pretrained(root / "teacher")
+    gpt2(tok, 2, 32).save_pretrained(root / "student")
+    tok.save_pretrained(root / "student")
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return [
+        f"model.teacher={root / 'teacher'}",
+        f"model.student={root / 'student'}",
+        f"data.train_file={data}",
+        f"data.units_cache={root / 'units.jsonl'}",
+        f"training.output_dir={root / 'out'}",
+    ]
