@@ -7,7 +7,6 @@ reference, which is what ``torch.autograd.gradcheck`` exercises.
 """
 
 import contextlib
-import contextvars
 import functools
 import os
 from collections.abc import Callable, Iterator
@@ -80,19 +79,22 @@ def empty_output(*shape: int, dtype: torch.dtype, device: torch.device) -> Tenso
     return out.fill_(float("nan")) if POISON_OUTPUTS else out
 
 
-_PREFER_REFERENCE = contextvars.ContextVar("mta_prefer_reference", default=False)
+# A plain module global, not a ContextVar: Dynamo traces global reads (and guards on them) but not
+# ContextVar.get, and use_triton runs inside compiled graphs.
+_PREFER_REFERENCE_DEPTH = 0
 
 
 @contextlib.contextmanager
 def prefer_reference() -> Iterator[None]:
     """Inside this block CPU tensors take the eager reference even when ``TRITON_INTERPRET=1``
     (CUDA tensors still run the Triton kernels). For code that runs whole models on CPU, where
-    the interpreter would be needlessly slow."""
-    token = _PREFER_REFERENCE.set(True)
+    the interpreter would be needlessly slow. Process-wide, not per thread."""
+    global _PREFER_REFERENCE_DEPTH
+    _PREFER_REFERENCE_DEPTH += 1
     try:
         yield
     finally:
-        _PREFER_REFERENCE.reset(token)
+        _PREFER_REFERENCE_DEPTH -= 1
 
 
 def use_triton(*tensors: Tensor | None) -> bool:
@@ -104,7 +106,7 @@ def use_triton(*tensors: Tensor | None) -> bool:
         return False
     device = present[0].device
     if device.type == "cpu":
-        return INTERPRETER and not _PREFER_REFERENCE.get()
+        return INTERPRETER and _PREFER_REFERENCE_DEPTH == 0
     return device.type == "cuda"
 
 

@@ -51,3 +51,17 @@ def test_fullgraph_compile_matches_eager(device, seed):
     compiled = run(torch.compile(mta_step, fullgraph=True, dynamic=False))
     for got, expected in zip(compiled, eager, strict=True):
         assert rel_error(got, expected) < 1e-5, f"seed={seed}"
+
+
+def test_prefer_reference_inside_a_compiled_function():
+    torch._dynamo.reset()
+    hidden = torch.randn(2, 7, 6)
+    mask = torch.ones(2, 7, dtype=torch.long)
+
+    @torch.compile(fullgraph=True)
+    def weights(h):
+        return mk.token_importance(h, mask)
+
+    with mk.prefer_reference():
+        got = weights(hidden)
+    assert rel_error(got, mk.reference.token_importance(hidden.double(), mask)) < 1e-5
