@@ -175,8 +175,8 @@ def variants() -> list[Variant]:
     )
     for metric in ("cosine", "euclidean"):
         metric_id = pairwise_distance.METRIC_IDS[metric]
-        meta, warps, stages = _split(pairwise_distance.tile_sizes(metric, WIDTH_S))
-        for rows in (F32, BF16):
+        for rows, rows_dtype in ((F32, torch.float32), (BF16, torch.bfloat16)):
+            meta, warps, stages = _split(pairwise_distance.tile_sizes(metric, WIDTH_S, rows_dtype))
             precision = _common.dot_precision() if rows == F32 else "ieee"
             constexprs = dict(meta, METRIC=metric_id, PRECISION=precision)
             out.append(
@@ -217,7 +217,9 @@ def variants() -> list[Variant]:
                     stages,
                 )
             )
-            smeta, swarps, sstages = _split(structural_loss._meta(metric, WIDTH_S, WIDTH_T))
+            smeta, swarps, sstages = _split(
+                structural_loss._meta(metric, WIDTH_S, WIDTH_T, rows_dtype)
+            )
             smeta["PRECISION"] = precision
             unit_types = dict(
                 student_ptr=rows,

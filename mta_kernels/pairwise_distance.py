@@ -279,15 +279,17 @@ def _distance_bwd_kernel(
     )
 
 
-def tile_sizes(metric: str, width: int) -> dict[str, int]:
-    """Block sizes of the pairwise kernels: Gram tiles feed ``tl.dot``; euclidean tiles are 3-D."""
+def tile_sizes(metric: str, width: int, dtype: torch.dtype) -> dict[str, int]:
+    """Block sizes of the pairwise kernels for rows of ``dtype``: Gram tiles feed ``tl.dot``;
+    euclidean tiles are 3-D."""
     if metric == "cosine":
         if small_blocks():
             return dict(BLOCK_I=16, BLOCK_J=16, BLOCK_D=block_size(width, 16))
-        # Three to five live 64×64 fp32 tiles (tf32x3 splits each dot operand in three): with
-        # 32-wide d chunks and 8 warps the structural kernels compile for sm_90 (Triton 3.6)
-        # without spills (backward: 64 bytes), where 64-wide chunks or 4 warps spill 0.3–2.5 kB.
-        return dict(BLOCK_I=64, BLOCK_J=64, BLOCK_D=block_size(width, 32), num_warps=8)
+        # Three to five live 64×64 fp32 tiles: 8 warps, and d chunks of 32 (bf16) or 16 (fp32
+        # rows, whose tf32x3 dots split each operand in three) keep the structural backward free
+        # of register spills on sm_90 with Triton 3.6 and 3.9 (wider chunks spill 0.2–2.5 kB).
+        cap_d = 32 if dtype == torch.bfloat16 else 16
+        return dict(BLOCK_I=64, BLOCK_J=64, BLOCK_D=block_size(width, cap_d), num_warps=8)
     cap = 16 if small_blocks() else 32
     return dict(
         BLOCK_I=cap, BLOCK_J=cap, BLOCK_D=block_size(width, 16 if small_blocks() else 8, floor=1)
@@ -306,7 +308,7 @@ def valid_mask(span_mask: Tensor | None, units: Tensor) -> Tensor:
 def _distance_forward(rows: Tensor, valid: Tensor, metric: str) -> tuple[Tensor, Tensor]:
     """Launch :func:`_distance_fwd_kernel`: (1 − Gram or raw distances [B, K, K], tile sums)."""
     batch, num_units, width = rows.shape
-    meta = tile_sizes(metric, width)
+    meta = tile_sizes(metric, width, rows.dtype)
     grid_i = triton.cdiv(num_units, meta["BLOCK_I"])
     grid_j = triton.cdiv(num_units, meta["BLOCK_J"])
     out = empty_output(batch, num_units, num_units, dtype=torch.float32, device=rows.device)
@@ -330,7 +332,7 @@ def _distance_forward(rows: Tensor, valid: Tensor, metric: str) -> tuple[Tensor,
 @_distance_forward.register_fake
 def _(rows, valid, metric):
     batch, num_units, width = rows.shape
-    meta = tile_sizes(metric, width)
+    meta = tile_sizes(metric, width, rows.dtype)
     n_tiles = triton.cdiv(num_units, meta["BLOCK_I"]) * triton.cdiv(num_units, meta["BLOCK_J"])
     return (
         rows.new_empty(batch, num_units, num_units, dtype=torch.float32),
@@ -352,7 +354,7 @@ def _distance_backward(
     """Launch :func:`_distance_bwd_kernel`: fp32 gradient w.r.t. ``rows``."""
     batch, num_units, width = rows.shape
     grad_rows = empty_output(*rows.shape, dtype=torch.float32, device=rows.device)
-    meta = tile_sizes(metric, width)
+    meta = tile_sizes(metric, width, rows.dtype)
     if grad_rows.numel() > 0:
         grid = (triton.cdiv(num_units, meta["BLOCK_I"]), triton.cdiv(width, meta["BLOCK_D"]), batch)
         _distance_bwd_kernel[grid](

@@ -313,9 +313,12 @@ def _upper_tile_pairs(n_blocks: int, device: torch.device) -> Tensor:
     return pairs.t().to(device=device, dtype=torch.int32).contiguous()
 
 
-def _meta(metric: str, width_student: int, width_teacher: int) -> dict[str, int | str]:
+def _meta(
+    metric: str, width_student: int, width_teacher: int, dtype: torch.dtype
+) -> dict[str, int | str]:
     """Launch meta-parameters: the pairwise tiles of each side (and their ``num_warps``)."""
-    student, teacher = tile_sizes(metric, width_student), tile_sizes(metric, width_teacher)
+    student = tile_sizes(metric, width_student, dtype)
+    teacher = tile_sizes(metric, width_teacher, dtype)
     meta = dict(
         BLOCK_I=student["BLOCK_I"],
         BLOCK_J=student["BLOCK_J"],
@@ -341,7 +344,7 @@ def _structural_forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Both forward stages: (per-example loss [B], 1/μ [B, 2], coupling a [B, 2]), all fp32."""
     batch, num_units, width_s = student_rows.shape
-    meta = _meta(metric, width_s, teacher_rows.shape[2])
+    meta = _meta(metric, width_s, teacher_rows.shape[2], student_rows.dtype)
     device = student_rows.device
     tile_pairs = _upper_tile_pairs(triton.cdiv(max(num_units, 1), meta["BLOCK_I"]), device)
     partial = empty_output(batch, tile_pairs.shape[0], 3, dtype=torch.float32, device=device)
@@ -403,7 +406,7 @@ def _structural_backward(
     teacher rows and ``p`` (an empty tensor for each one not needed)."""
     batch, num_units, width_s = student_rows.shape
     width_t = teacher_rows.shape[2]
-    meta = _meta(metric, width_s, width_t)
+    meta = _meta(metric, width_s, width_t, student_rows.dtype)
     device = student_rows.device
     row_blocks = triton.cdiv(max(num_units, 1), meta["BLOCK_I"])
     n_split = _column_splits(row_blocks * batch, row_blocks, device)
