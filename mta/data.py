@@ -206,34 +206,47 @@ def _offsets(enc: Any, shift: int = 0) -> np.ndarray:
     return np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2) + shift
 
 
+def _is_lone_space(tokenizer: Any, token_id: int) -> bool:
+    """A token that is only a word-start marker (SentencePiece ``▁``, byte-level ``Ġ``)."""
+    return tokenizer.convert_ids_to_tokens(token_id) in ("▁", "Ġ")
+
+
 def _encode(
     tokenizer: Any, example: Example, max_length: int, add_eos: bool
-) -> tuple[list[int], np.ndarray, int]:
-    """``(ids, offsets int64[T, 2], n_prompt)`` of an example, at most ``max_length`` tokens.
+) -> tuple[list[int], np.ndarray, int, bool, bool]:
+    """``(ids, offsets int64[T, 2], n_prompt, truncated, eos_added)`` of an example, at most
+    ``max_length`` tokens.
 
     The prompt (with the tokenizer's special tokens, e.g. BOS) and the response (without) are
     tokenized separately and concatenated, so the prompt's tokens are exactly those a model sees
     at generation time and no token straddles the boundary; the response's offsets are shifted to
-    ``text`` coordinates. The end is truncated, then EOS (offsets ``(0, 0)``) appended if asked.
+    ``text`` coordinates. A lone word-start token that a SentencePiece-style tokenizer puts in
+    front of text tokenized on its own is dropped (the same text after the prompt has none). The
+    end is truncated; EOS (offsets ``(0, 0)``) is appended only when asked and when the response
+    was not cut — a cut response must not teach the model to stop mid-sentence.
     """
     prompt, response = example.prompt, example.response
-    budget = max_length - 1 if add_eos else max_length
     if prompt:
         head = tokenizer(prompt, return_offsets_mapping=True)
         tail = tokenizer(response, return_offsets_mapping=True, add_special_tokens=False)
-        ids = list(head["input_ids"]) + list(tail["input_ids"])
-        offsets = np.concatenate([_offsets(head), _offsets(tail, len(prompt))])
-        n_prompt = min(len(head["input_ids"]), budget)
+        tail_ids, tail_offsets = list(tail["input_ids"]), _offsets(tail, len(prompt))
+        if tail_ids and not response[:1].isspace() and _is_lone_space(tokenizer, tail_ids[0]):
+            tail_ids, tail_offsets = tail_ids[1:], tail_offsets[1:]
+        ids = list(head["input_ids"]) + tail_ids
+        offsets = np.concatenate([_offsets(head), tail_offsets])
+        n_prompt = len(head["input_ids"])
     else:
         enc = tokenizer(response, return_offsets_mapping=True)
         ids, offsets, n_prompt = list(enc["input_ids"]), _offsets(enc), 0
-    ids, offsets = ids[:budget], offsets[:budget]
-    if add_eos:
-        if tokenizer.eos_token_id is None:
-            raise ValueError("the tokenizer has no EOS token: set tokenizer.eos_token")
+    if add_eos and tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token: set tokenizer.eos_token")
+    truncated = len(ids) > max_length
+    eos_added = add_eos and len(ids) < max_length
+    ids, offsets = ids[:max_length], offsets[:max_length]
+    if eos_added:
         ids.append(tokenizer.eos_token_id)
         offsets = np.concatenate([offsets, np.zeros((1, 2), np.int64)])
-    return ids, offsets, n_prompt
+    return ids, offsets, min(n_prompt, len(ids)), truncated, eos_added
 
 
 def _check_fast(tokenizer: Any, name: str) -> None:
@@ -283,18 +296,28 @@ class DistillationDataset(Dataset):
         dropped = 0
         for i, example in enumerate(examples):
             eos = example.response_start > 0 if add_eos is None else add_eos
-            ids, offsets, n_prompt = _encode(tokenizer, example, max_length, eos)
-            if len(ids) - n_prompt - eos < 1 or len(ids) < 2:  # no response token left
+            ids, offsets, n_prompt, truncated, eos_added = _encode(
+                tokenizer, example, max_length, eos
+            )
+            if len(ids) - n_prompt - eos_added < 1 or len(ids) < 2:  # no response token left
                 dropped += 1
                 continue
             item: dict[str, Any] = {"input_ids": ids, "labels": [-100] * n_prompt + ids[n_prompt:]}
-            teacher_offsets = None
+            teacher_offsets, teacher_truncated = None, False
             if teacher_tokenizer is not None:
-                item["teacher_input_ids"], teacher_offsets, _ = _encode(
+                item["teacher_input_ids"], teacher_offsets, _, teacher_truncated, _ = _encode(
                     teacher_tokenizer, example, max_length, eos
                 )
             if units is not None:
-                item.update(example_unit_spans(units[i], offsets, teacher_offsets))
+                item.update(
+                    example_unit_spans(
+                        units[i],
+                        offsets,
+                        teacher_offsets,
+                        student_truncated=truncated,
+                        teacher_truncated=teacher_truncated,
+                    )
+                )
             self.items.append(item)
         if dropped:
             logger.warning(
@@ -343,6 +366,9 @@ class DistillationCollator:
             "attention_mask": (torch.arange(ids.shape[1]) < lengths[:, None]).long(),
             "labels": _pad([f["labels"] for f in features], -100),
         }
+        # Position 0 is never a target (logits at t predict t + 1): saying so keeps the Trainer's
+        # token count (num_items_in_batch) right whatever its transformers version counts.
+        batch["labels"][:, 0] = -100
         if "teacher_input_ids" in features[0]:
             pad = (
                 self.pad_token_id

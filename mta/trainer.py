@@ -126,6 +126,8 @@ class StudentWithProjectors(nn.Module):
         super().__init__()
         self.student = student
         self.mta_loss = mta_loss
+        # FSDP's transformer auto-wrap policy reads the block classes from here.
+        self._no_split_modules = getattr(student, "_no_split_modules", None)
 
     @property
     def config(self) -> Any:
@@ -306,6 +308,13 @@ class MTATrainer(Trainer):
             **kwargs,
         )
         self.label_names = ["labels"]
+        if self.args.n_gpu > 1:
+            raise ValueError(
+                f"{self.args.n_gpu} GPUs are visible to a single process, which the Trainer would "
+                "drive with nn.DataParallel (unsupported here): launch one process per GPU with "
+                "`torchrun --nproc_per_node N -m mta.cli ...` or `accelerate launch`, or set "
+                "CUDA_VISIBLE_DEVICES to one GPU"
+            )
         if getattr(teacher_model, "hf_device_map", None) is None:
             self.teacher.to(self.args.device)
         forward_params = inspect.signature(teacher_model.forward).parameters
@@ -425,14 +434,17 @@ class MTATrainer(Trainer):
         kwargs: dict[str, Any] = {}
         if not need_logits and self._teacher_takes_logits_to_keep:
             kwargs["logits_to_keep"] = 1
-        out = self.teacher(
-            input_ids=inputs.get("teacher_input_ids", inputs["input_ids"]),
-            attention_mask=inputs.get("teacher_attention_mask", inputs["attention_mask"]),
-            output_hidden_states=bool(layers),
-            use_cache=False,
-            return_dict=True,
-            **kwargs,
-        )
+        # Autocast as the student's forward (bf16/fp16 mixed precision): a teacher kept in fp32
+        # would otherwise run its matmuls in fp32.
+        with self.accelerator.autocast():
+            out = self.teacher(
+                input_ids=inputs.get("teacher_input_ids", inputs["input_ids"]),
+                attention_mask=inputs.get("teacher_attention_mask", inputs["attention_mask"]),
+                output_hidden_states=bool(layers),
+                use_cache=False,
+                return_dict=True,
+                **kwargs,
+            )
         hidden = {layer: out.hidden_states[layer] for layer in layers}
         logits = out.logits if need_logits else None
         del out  # drop the other layers' hidden states now
@@ -481,7 +493,10 @@ class MTATrainer(Trainer):
             scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
             loss = base_sum * scale / torch.as_tensor(num_items_in_batch).clamp(min=1)
             if mta is not None:
-                loss = loss + mta / self.current_gradient_accumulation_steps
+                # The base sum is divided by the step's token count; the MTA mean is divided by
+                # the accumulation steps so that both sum to one step. Evaluation has none.
+                steps = getattr(self, "current_gradient_accumulation_steps", 1)
+                loss = loss + mta / (steps if model.training else 1)
         if model.training:
             self._accumulate_components(base_sum.detach() / num_local, outputs.mta_components)
         if return_outputs:
@@ -549,6 +564,11 @@ class MTATrainer(Trainer):
         self, resume_from_checkpoint: str, model: nn.Module | None = None
     ) -> None:
         """Load the student's weights and the projectors from a checkpoint directory."""
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            raise NotImplementedError(
+                "resuming an FSDP or DeepSpeed run from a checkpoint is not supported yet: start "
+                "a new run from the saved student (model.student=<checkpoint dir>), or use DDP"
+            )
         wrapper = self.accelerator.unwrap_model(model if model is not None else self.model)
         student = wrapper.student
         single = os.path.join(resume_from_checkpoint, SAFE_WEIGHTS_NAME)

@@ -119,6 +119,29 @@ def test_labels_cover_exactly_the_response_and_eos(tokenizers_, kind):
         assert tok.decode(ids[:first], skip_special_tokens=True).strip() == ex.prompt.strip()
 
 
+@pytest.mark.parametrize("kind", ["bytelevel", "metaspace"])
+def test_cut_response_gets_no_eos(tokenizers_, kind):
+    tok = tokenizers_[kind]
+    ex = examples()[5]
+    full = DistillationDataset([ex], tok, max_length=256).items[0]["input_ids"]
+    cut = DistillationDataset([ex], tok, max_length=len(full) - 3).items[0]
+    assert len(cut["input_ids"]) == len(full) - 3
+    assert cut["input_ids"] == full[: len(full) - 3]  # a prefix, no EOS glued on
+    assert tok.eos_token_id not in cut["input_ids"][-1:]
+    exact = DistillationDataset([ex], tok, max_length=len(full)).items[0]["input_ids"]
+    assert exact == full  # the EOS fits exactly
+
+
+def test_response_has_no_lone_word_start_token(tokenizers_):
+    # SentencePiece-style tokenizers put a lone "▁" in front of text tokenized on its own.
+    tok = tokenizers_["metaspace"]
+    for item in DistillationDataset(examples(), tok, max_length=256).items:
+        learned = [
+            t for t, lab in zip(item["input_ids"], item["labels"], strict=True) if lab != -100
+        ]
+        assert tok.convert_ids_to_tokens(learned[0]) != "▁"
+
+
 def test_truncation_drops_examples_without_response(tokenizers_, caplog):
     tok = tokenizers_["bytelevel"]
     long_prompt = format_record({"instruction": "word " * 200, "output": "Short answer."})
@@ -186,6 +209,7 @@ def test_collator_batches_tokens_labels_and_units(tokenizers_, cross):
     if cross:
         t_len = torch.tensor([len(ds[i]["teacher_input_ids"]) for i in range(len(ds))])
         assert torch.equal(batch["teacher_attention_mask"].sum(1), t_len)
+    assert (batch["labels"][:, 0] == -100).all()  # position 0 is never a target
 
 
 # ---------------------------------------------------------------------------- units

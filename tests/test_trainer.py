@@ -272,6 +272,28 @@ def test_configuration_errors(tmp_path, toks, case, match):
         MTATrainer(student, teacher, MTATrainingArguments(**args), **kwargs)
 
 
+def test_eval_loss_ignores_gradient_accumulation(tmp_path, toks):
+    # Evaluation has no accumulation: before training (no accumulation state yet) and after
+    # training with 4 accumulation steps, the same weights must give the same eval loss.
+    trainer = make_trainer(
+        tmp_path,
+        "gpt2",
+        toks,
+        gradient_accumulation_steps=4,
+        max_steps=1,
+        per_device_eval_batch_size=3,
+    )
+    trainer.eval_dataset = trainer.train_dataset
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    trainer.current_gradient_accumulation_steps = 4
+    after_with_state = trainer.evaluate()["eval_loss"]
+    trainer.current_gradient_accumulation_steps = 1
+    after_without = trainer.evaluate()["eval_loss"]
+    assert math.isfinite(before)
+    assert after_with_state == pytest.approx(after_without, rel=1e-6)
+
+
 def test_bad_base_loss_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="base_loss must be one of"):
         MTATrainingArguments(output_dir=str(tmp_path), base_loss="kl")
