@@ -247,6 +247,33 @@ def load_projectors(path: str | os.PathLike[str], mta_loss: MTALoss) -> None:
     mta_loss.load_state_dict(state, strict=True)
 
 
+class _ComponentMeter:
+    """Running sums of the logged loss components (detached fp32 scalars) over a window."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.count = 0
+
+    def add(self, values: Mapping[str, Tensor]) -> None:
+        for key, value in values.items():
+            value = value.detach().float()
+            previous = self.sums.get(key)
+            self.sums[key] = value if previous is None else previous + value
+        self.count += 1
+
+    def pop_means(self) -> tuple[list[str], Tensor | None]:
+        """(sorted keys, their means as one tensor), and reset; ``([], None)`` when empty."""
+        if not self.count:
+            return [], None
+        keys = sorted(self.sums)
+        means = torch.stack([self.sums[k] for k in keys]) / self.count
+        self.reset()
+        return keys, means
+
+
 class MTATrainer(Trainer):
     """Distill ``teacher_model`` into ``model`` with a base KD loss plus MTA.
 
@@ -319,8 +346,8 @@ class MTATrainer(Trainer):
             self.teacher.to(self.args.device)
         forward_params = inspect.signature(teacher_model.forward).parameters
         self._teacher_takes_logits_to_keep = "logits_to_keep" in forward_params
-        self._component_sums: dict[str, Tensor] = {}
-        self._component_count = 0
+        self._train_components = _ComponentMeter()
+        self._eval_components = _ComponentMeter()
 
     # ---- construction checks ------------------------------------------------------------
 
@@ -497,34 +524,47 @@ class MTATrainer(Trainer):
                 # the accumulation steps so that both sum to one step. Evaluation has none.
                 steps = getattr(self, "current_gradient_accumulation_steps", 1)
                 loss = loss + mta / (steps if model.training else 1)
-        if model.training:
-            self._accumulate_components(base_sum.detach() / num_local, outputs.mta_components)
+        meter = self._train_components if model.training else self._eval_components
+        meter.add({"base_loss": base_sum.detach() / num_local, **(outputs.mta_components or {})})
         if return_outputs:
             return loss, {"logits": outputs.logits}
         return loss
 
     # ---- logging -----------------------------------------------------------------------
 
-    def _accumulate_components(self, base: Tensor, mta: Mapping[str, Tensor] | None) -> None:
-        values = {"base_loss": base, **(mta or {})}
-        for key, value in values.items():
-            previous = self._component_sums.get(key)
-            value = value.detach().float()
-            self._component_sums[key] = value if previous is None else previous + value
-        self._component_count += 1
+    def _reduced_means(self, meter: _ComponentMeter) -> dict[str, float]:
+        """The meter's means, averaged over processes, then reset."""
+        keys, means = meter.pop_means()
+        if not keys:
+            return {}
+        if self.args.world_size > 1:
+            means = self.accelerator.reduce(means, reduction="mean")
+        return dict(zip(keys, means.tolist(), strict=True))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the loss components, averaged over the logging window (and processes), to the
         training logs."""
-        if "loss" in logs and self._component_count:
-            keys = sorted(self._component_sums)
-            means = torch.stack([self._component_sums[k] for k in keys]) / self._component_count
-            if self.args.world_size > 1:
-                means = self.accelerator.reduce(means, reduction="mean")
-            logs.update(zip(keys, means.tolist(), strict=True))
-            self._component_sums.clear()
-            self._component_count = 0
+        if "loss" in logs:
+            logs.update(self._reduced_means(self._train_components))
         super().log(logs, start_time)
+
+    def evaluation_loop(
+        self,
+        dataloader: Any,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> Any:
+        """Evaluation, with the loss components averaged over the evaluation batches (and
+        processes) added to the metrics as ``<prefix>_base_loss``, ``<prefix>_dsa``, …"""
+        self._eval_components.reset()
+        output = super().evaluation_loop(
+            dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+        )
+        for key, value in self._reduced_means(self._eval_components).items():
+            output.metrics[f"{metric_key_prefix}_{key}"] = value
+        return output
 
     # ---- saving / loading --------------------------------------------------------------
 

@@ -292,6 +292,14 @@ def test_eval_loss_ignores_gradient_accumulation(tmp_path, toks):
     after_without = trainer.evaluate()["eval_loss"]
     assert math.isfinite(before)
     assert after_with_state == pytest.approx(after_without, rel=1e-6)
+    metrics = trainer.evaluate()
+    for key in ("eval_base_loss", "eval_dsa", "eval_hra", "eval_mta", "eval_dsa/1-2"):
+        assert math.isfinite(metrics[key]), key
+    # eval loss = base + MTA; the base is token-weighted in eval_loss and a per-batch mean in
+    # eval_base_loss, which differ a little when batches hold different numbers of tokens
+    assert metrics["eval_loss"] == pytest.approx(
+        metrics["eval_base_loss"] + metrics["eval_mta"], rel=1e-2
+    )
 
 
 def test_bad_base_loss_is_rejected(tmp_path):
