@@ -174,6 +174,35 @@ def _structural_fwd_kernel(
 
 
 @triton.jit
+def _side_coefficients(
+    weighted_error,  # [BLOCK_I, BLOCK_J] W_ij E_ij (0 off valid pairs)
+    valid,
+    tile,  # the side's Gram (cosine) or raw distance (euclidean) tile
+    inv_mean_ptr,
+    coupling_ptr,
+    batch,
+    scale,
+    SIDE: tl.constexpr,  # 0 student (E grows with D^S), 1 teacher (E shrinks with D^T)
+    METRIC: tl.constexpr,
+):
+    """Coefficients ``C_ij`` of one side's row gradient (see :func:`_structural_bwd_kernel`).
+
+    Cosine: ``∓4 s W E`` (student −, teacher +). Euclidean, with ``σ = ±1`` (student +):
+    ``C = 2 s σ (2 W E − a V) / (μ r)`` where ``r > 0``, else 0.
+    """
+    sign = 1.0 - 2.0 * SIDE
+    if METRIC == 0:
+        coef = -4.0 * sign * scale * weighted_error
+    else:
+        inv_mean = tl.load(inv_mean_ptr + 2 * batch + SIDE)
+        coupling = tl.where(valid, tl.load(coupling_ptr + 2 * batch + SIDE), 0.0)
+        dloss = sign * (2.0 * weighted_error - coupling) * inv_mean
+        positive = valid & (tile > 0)
+        coef = tl.where(positive, 2.0 * scale * dloss / tl.where(positive, tile, 1.0), 0.0)
+    return coef
+
+
+@triton.jit
 def _structural_bwd_kernel(
     student_ptr,
     teacher_ptr,
@@ -241,17 +270,9 @@ def _structural_bwd_kernel(
             )
         weighted_error = tl.where(valid, p_i[:, None] * p_j[None, :] * error, 0.0)
         if NEED_STUDENT:
-            if METRIC == 0:
-                coef = -4.0 * scale * weighted_error
-            else:
-                inv_mean = tl.load(inv_mean_ptr + 2 * batch)
-                dloss = (
-                    2.0 * weighted_error - tl.where(valid, tl.load(coupling_ptr + 2 * batch), 0.0)
-                ) * inv_mean
-                positive = valid & (student > 0)
-                coef = tl.where(
-                    positive, 2.0 * scale * dloss / tl.where(positive, student, 1.0), 0.0
-                )
+            coef = _side_coefficients(
+                weighted_error, valid, student, inv_mean_ptr, coupling_ptr, batch, scale, 0, METRIC
+            )
             accumulate_rows(
                 grad_student_ptr + partial * K * D_S,
                 student_ptr + batch * K * D_S,
@@ -265,21 +286,9 @@ def _structural_bwd_kernel(
                 PRECISION,
             )
         if NEED_TEACHER:
-            if METRIC == 0:
-                coef = 4.0 * scale * weighted_error
-            else:
-                inv_mean = tl.load(inv_mean_ptr + 2 * batch + 1)
-                dloss = (
-                    -(
-                        2.0 * weighted_error
-                        - tl.where(valid, tl.load(coupling_ptr + 2 * batch + 1), 0.0)
-                    )
-                    * inv_mean
-                )
-                positive = valid & (teacher > 0)
-                coef = tl.where(
-                    positive, 2.0 * scale * dloss / tl.where(positive, teacher, 1.0), 0.0
-                )
+            coef = _side_coefficients(
+                weighted_error, valid, teacher, inv_mean_ptr, coupling_ptr, batch, scale, 1, METRIC
+            )
             accumulate_rows(
                 grad_teacher_ptr + partial * K * D_T,
                 teacher_ptr + batch * K * D_T,
