@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import itertools
 import os
 import platform
@@ -369,13 +368,10 @@ def measure(n_examples: int, repeats: int, reps: int) -> list[dict[str, object]]
 def write_csv(path: Path, rows: Sequence[Mapping[str, object]]) -> None:
     """Write (overwrite) the results CSV, stamping every row with machine, commit and date."""
     stamp = {"machine": machine(), "commit": harness.git_commit(), "date": harness.utc_now()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(COLUMNS))
-        writer.writeheader()
-        for row in rows:
-            value = row["value"]
-            writer.writerow({**row, **stamp, "value": f"{value:.6g}"})
+    path.unlink(missing_ok=True)
+    harness.append_rows(
+        path, [{**row, **stamp, "value": f"{row['value']:.6g}"} for row in rows], COLUMNS
+    )
 
 
 def _number(value: str) -> str:
