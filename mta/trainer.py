@@ -15,6 +15,9 @@ Design:
   and every layer not in the layer plan is dropped right after the forward.
 * The projectors get their own optimizer parameter group (``projector_learning_rate``, default
   5e-4, ``projector_weight_decay`` 0); the scheduler scales both groups alike.
+* With ``fused_lm_head`` the base loss is computed inside the wrapped forward from the models'
+  last hidden states and LM-head weights (:func:`~mta.kd_losses.fused_linear_distillation_loss`,
+  Liger-Kernel's fused linear JSD on CUDA when installed): no ``[B, T, V]`` logits exist.
 * Checkpoints and the final export hold the student as a plain Hugging Face model
   (``save_pretrained``) with the projectors beside it in ``mta_projectors.safetensors``; resume
   restores student, projectors, optimizer (both groups), scheduler and RNG.
@@ -41,14 +44,21 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME, load_sharded_checkpoint
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, ModelOutput
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, ModelOutput, logging
 
-from mta.kd_losses import KINDS, distillation_loss
+from mta.kd_losses import (
+    KINDS,
+    LIGER_KINDS,
+    distillation_loss,
+    fused_linear_distillation_loss,
+    liger_available,
+)
 from mta.layers import LayerPair
 from mta.loss import MTALoss
 
 __all__ = [
     "PROJECTORS_NAME",
+    "FusedHeadLoss",
     "MTATrainer",
     "MTATrainingArguments",
     "StudentWithProjectors",
@@ -57,6 +67,9 @@ __all__ = [
 ]
 
 PROJECTORS_NAME = "mta_projectors.safetensors"
+FUSED_HEAD_MODES = ("auto", "on", "off")
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -86,12 +99,30 @@ class MTATrainingArguments(TrainingArguments):
     projector_weight_decay: float = field(
         default=0.0, metadata={"help": "Weight decay of the MTA projectors' parameter group."}
     )
+    fused_lm_head: str | bool = field(
+        default="auto",
+        metadata={
+            "help": "Compute the base loss from the last hidden states and the LM heads chunk by "
+            "chunk (mta.kd_losses.fused_linear_distillation_loss), never materializing either "
+            "model's [B, T, V] logits. 'on' (or true): always, with Liger-Kernel's fused linear "
+            "JSD on CUDA for fkl/rkl/jsd when installed; 'auto': only when Liger-Kernel is "
+            "installed, training runs on CUDA and base_loss is fkl, rkl or jsd; 'off' (false): "
+            "never."
+        },
+    )
     remove_unused_columns: bool = False
     ddp_find_unused_parameters: bool | None = False
 
     def __post_init__(self) -> None:
         if self.base_loss not in KINDS:
             raise ValueError(f"base_loss must be one of {KINDS}, got {self.base_loss!r}")
+        if isinstance(self.fused_lm_head, bool):  # YAML reads on/off as booleans
+            self.fused_lm_head = "on" if self.fused_lm_head else "off"
+        if self.fused_lm_head not in FUSED_HEAD_MODES:
+            raise ValueError(
+                f"fused_lm_head must be one of {FUSED_HEAD_MODES} (or a bool), got "
+                f"{self.fused_lm_head!r}"
+            )
         if self.projector_learning_rate <= 0:
             raise ValueError(
                 f"projector_learning_rate must be > 0, got {self.projector_learning_rate}"
@@ -101,12 +132,29 @@ class MTATrainingArguments(TrainingArguments):
 
 @dataclass
 class StudentOutput(ModelOutput):
-    """Output of :class:`StudentWithProjectors`: student ``logits`` [B, T, V], the MTA term
-    ``mta_loss`` (float32 scalar, or None) and its detached ``mta_components``."""
+    """Output of :class:`StudentWithProjectors`: student ``logits`` [B, T, V] (None with a fused
+    LM head), the base loss summed over response tokens ``base_loss_sum`` (fused LM head only,
+    else None), the MTA term ``mta_loss`` (float32 scalar, or None) and its detached
+    ``mta_components``."""
 
     logits: Tensor | None = None
+    base_loss_sum: Tensor | None = None
     mta_loss: Tensor | None = None
     mta_components: dict[str, Tensor] | None = None
+
+
+@dataclass
+class FusedHeadLoss:
+    """What :class:`StudentWithProjectors` needs to compute the base loss from the student's
+    last hidden states instead of returning logits (``fused_lm_head``): the labels [B, T], the
+    teacher's last hidden states [B, T, d_T] and LM head (None for ``kind="ce"``) and the
+    keyword arguments of :func:`~mta.kd_losses.fused_linear_distillation_loss`."""
+
+    labels: Tensor
+    teacher_hidden: Tensor | None
+    teacher_weight: Tensor | None
+    teacher_bias: Tensor | None
+    settings: dict[str, Any]
 
 
 class StudentWithProjectors(nn.Module):
@@ -152,32 +200,59 @@ class StudentWithProjectors(nn.Module):
         attention_mask: Tensor,
         teacher_hidden_states: Mapping[int, Tensor] | None = None,
         mta_batch: Mapping[str, Tensor] | None = None,
+        fused_head_loss: FusedHeadLoss | None = None,
     ) -> StudentOutput:
-        """Student forward + MTA term.
+        """Student forward + MTA term (+ the base loss with a fused LM head).
 
         Args:
             input_ids, attention_mask: student tokens [B, T].
             teacher_hidden_states: ``{teacher layer: [B, T', d_T]}`` for the layer plan (no grad).
             mta_batch: the batch's unit keys (``<g>_student_spans``, ``<g>_span_mask``, …) and
                 masks, as consumed by :class:`~mta.loss.MTALoss`.
+            fused_head_loss: compute the base loss here, from the student's last hidden states
+                and LM head (read inside this forward, where FSDP has them unsharded), instead
+                of returning logits.
         """
         use_mta = self.mta_loss is not None
-        out = self.student(
+        kwargs = dict(
             input_ids=input_ids,
             attention_mask=attention_mask,
             output_hidden_states=use_mta,
             use_cache=False,
             return_dict=True,
         )
+        logits = base_loss_sum = None
+        if fused_head_loss is None:
+            out = self.student(**kwargs)
+            logits = out.logits
+        else:
+            out = self.student.base_model(**kwargs)
+            head = self.student.get_output_embeddings()
+            loss = fused_head_loss
+            base_loss_sum = fused_linear_distillation_loss(
+                out.last_hidden_state,
+                head.weight,
+                loss.teacher_hidden,
+                loss.teacher_weight,
+                loss.labels,
+                reduction="sum",
+                student_bias=head.bias,
+                teacher_bias=loss.teacher_bias,
+                **loss.settings,
+            )
         if not use_mta:
-            return StudentOutput(logits=out.logits)
+            return StudentOutput(logits=logits, base_loss_sum=base_loss_sum)
         if teacher_hidden_states is None or mta_batch is None:
             raise ValueError("the MTA term needs teacher_hidden_states and mta_batch")
         hidden = {p.student_layer: out.hidden_states[p.student_layer] for p in self.layer_pairs}
-        logits = out.logits
         del out  # drop the other layers' hidden states
         mta = self.mta_loss(hidden, teacher_hidden_states, mta_batch)
-        return StudentOutput(logits=logits, mta_loss=mta.loss, mta_components=mta.components)
+        return StudentOutput(
+            logits=logits,
+            base_loss_sum=base_loss_sum,
+            mta_loss=mta.loss,
+            mta_components=mta.components,
+        )
 
     @property
     def layer_pairs(self) -> tuple[LayerPair, ...]:
@@ -201,6 +276,37 @@ def _vocab_rows(model: PreTrainedModel) -> int:
     if head is not None and getattr(head, "weight", None) is not None:
         return int(head.weight.shape[0])
     return int(model.config.get_text_config().vocab_size)
+
+
+def fused_head_refusal(model: PreTrainedModel) -> str | None:
+    """Why ``model``'s logits are not ``lm_head(base_model(...).last_hidden_state)`` (None if
+    they are): a non-``Linear`` head, no separate base model, or logits transformed after the
+    head (soft-capping, scaling). Checked by running both on 8 tokens in eval mode."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, nn.Linear):
+        return f"its output embeddings are {type(head).__name__}, not an nn.Linear LM head"
+    base = model.base_model
+    if base is model:
+        return "it has no separate base model whose last hidden state feeds the LM head"
+    embeddings = model.get_input_embeddings()
+    ids = torch.arange(min(8, head.weight.shape[0]), device=embeddings.weight.device)[None]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False, return_dict=True).logits
+            hidden = base(input_ids=ids, use_cache=False, return_dict=True).last_hidden_state
+            fused = head(hidden.to(head.weight.device))
+    finally:
+        model.train(was_training)
+    if logits.shape != fused.shape or not torch.allclose(
+        logits.float(), fused.float().to(logits.device), rtol=1e-3, atol=1e-3
+    ):
+        return (
+            "its logits are not its LM head applied to its last hidden state (a logit "
+            "soft-cap or scale after the head?)"
+        )
+    return None
 
 
 def same_tokenizer(a: Any, b: Any) -> bool:
@@ -346,6 +452,7 @@ class MTATrainer(Trainer):
             self.teacher.to(self.args.device)
         forward_params = inspect.signature(teacher_model.forward).parameters
         self._teacher_takes_logits_to_keep = "logits_to_keep" in forward_params
+        self.fused_lm_head = self._use_fused_head()
         self._train_components = _ComponentMeter()
         self._eval_components = _ComponentMeter()
 
@@ -409,6 +516,46 @@ class MTATrainer(Trainer):
             )
         return len(tokenizer)
 
+    def _use_fused_head(self) -> bool:
+        """Resolve ``args.fused_lm_head`` (see :class:`MTATrainingArguments`)."""
+        mode = self.args.fused_lm_head
+        if mode == "off":
+            return False
+        if mode == "auto" and not (
+            liger_available()
+            and self.args.device.type == "cuda"
+            and self.args.base_loss in LIGER_KINDS
+        ):
+            return False
+        reasons = []
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if plugin is not None and getattr(plugin, "zero_stage", None) == 3:
+            reasons.append(
+                "DeepSpeed ZeRO-3 partitions the LM head, whose weight the fused loss reads "
+                "outside the head's own forward"
+            )
+        models = [("student", self.wrapper.student)]
+        if self.args.base_loss != "ce":
+            models.append(("teacher", self.teacher))
+            weight = self.teacher.get_output_embeddings().weight
+            if weight.device != self.args.device:
+                reasons.append(
+                    f"the teacher's LM head is on {weight.device}, not on the training device "
+                    f"{self.args.device}"
+                )
+        for side, model in models:
+            if not reasons and (reason := fused_head_refusal(model)) is not None:
+                reasons.append(f"the {side}: {reason}")
+        if not reasons:
+            return True
+        if mode == "on":
+            raise ValueError(
+                f"fused_lm_head='on' cannot be used: {'; '.join(reasons)}. Set fused_lm_head="
+                "'off' to compute the base loss from the models' logits."
+            )
+        logger.info("fused_lm_head='auto' falls back to logits: %s", "; ".join(reasons))
+        return False
+
     # ---- accessors ---------------------------------------------------------------------
 
     @property
@@ -451,20 +598,23 @@ class MTATrainer(Trainer):
 
     @torch.no_grad()
     def _teacher_forward(self, inputs: Mapping[str, Tensor]) -> tuple[Tensor | None, dict]:
-        """Teacher logits (None for ``ce``) and ``{layer: hidden}`` of the aligned layers only."""
+        """What the base loss needs from the teacher — its logits, or with the fused LM head its
+        last hidden states; None for ``ce`` — and ``{layer: hidden}`` of the aligned layers."""
         layers = sorted({p.teacher_layer for p in self.wrapper.layer_pairs})
-        need_logits = self.args.base_loss != "ce"
-        if not layers and not need_logits:
+        need_base = self.args.base_loss != "ce"
+        if not layers and not need_base:
             return None, {}
         if self.teacher.training:
             self.teacher.eval()
-        kwargs: dict[str, Any] = {}
-        if not need_logits and self._teacher_takes_logits_to_keep:
+        model, kwargs = self.teacher, {}
+        if self.fused_lm_head:
+            model = self.teacher.base_model  # no logits at all
+        elif not need_base and self._teacher_takes_logits_to_keep:
             kwargs["logits_to_keep"] = 1
         # Autocast as the student's forward (bf16/fp16 mixed precision): a teacher kept in fp32
         # would otherwise run its matmuls in fp32.
         with self.accelerator.autocast():
-            out = self.teacher(
+            out = model(
                 input_ids=inputs.get("teacher_input_ids", inputs["input_ids"]),
                 attention_mask=inputs.get("teacher_attention_mask", inputs["attention_mask"]),
                 output_hidden_states=bool(layers),
@@ -473,9 +623,11 @@ class MTATrainer(Trainer):
                 **kwargs,
             )
         hidden = {layer: out.hidden_states[layer] for layer in layers}
-        logits = out.logits if need_logits else None
+        base = None
+        if need_base:
+            base = out.last_hidden_state if self.fused_lm_head else out.logits
         del out  # drop the other layers' hidden states now
-        return logits, hidden
+        return base, hidden
 
     def compute_loss(
         self,
@@ -496,20 +648,36 @@ class MTATrainer(Trainer):
                 f"{self.args.base_loss!r} needs a shared vocabulary: use base_loss='ce'"
             )
         labels = inputs["labels"]
-        teacher_logits, teacher_hidden = self._teacher_forward(inputs)
-        outputs = model(
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs["attention_mask"],
-            teacher_hidden_states=teacher_hidden,
-            mta_batch=inputs,
-        )
+        teacher_base, teacher_hidden = self._teacher_forward(inputs)
         kd = {
             "kind": self.args.base_loss,
             "temperature": self.args.temperature,
             "skew_alpha": self.args.skew_alpha,
             "vocab_size": self.vocab_size,
         }
-        base_sum = distillation_loss(outputs.logits, teacher_logits, labels, reduction="sum", **kd)
+        fused = None
+        if self.fused_lm_head:
+            head = self.teacher.get_output_embeddings() if teacher_base is not None else None
+            fused = FusedHeadLoss(
+                labels,
+                teacher_base,
+                None if head is None else head.weight,
+                None if head is None else head.bias,
+                kd,
+            )
+        outputs = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            teacher_hidden_states=teacher_hidden,
+            mta_batch=inputs,
+            fused_head_loss=fused,
+        )
+        if fused is None:
+            base_sum = distillation_loss(
+                outputs.logits, teacher_base, labels, reduction="sum", **kd
+            )
+        else:
+            base_sum = outputs.base_loss_sum
         num_local = (labels[:, 1:] != -100).sum().clamp(min=1)
         mta = outputs.mta_loss
         if num_items_in_batch is None:

@@ -9,7 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mta.kd_losses import KINDS, distillation_loss
+from mta.kd_losses import (
+    KINDS,
+    LIGER_KINDS,
+    distillation_loss,
+    fused_linear_distillation_loss,
+    liger_available,
+)
 
 DIVERGENCES = [k for k in KINDS if k != "ce"]
 B, T, V = 2, 7, 11
@@ -265,6 +271,261 @@ def test_errors(kwargs: dict, error: type[Exception], match: str) -> None:
         distillation_loss(**(args | kwargs))
 
 
+# ---- fused LM head ----------------------------------------------------------------------
+
+D_S, D_T = 8, 12
+BACKEND_CASES = [(k, "torch") for k in KINDS] + [(k, "liger") for k in LIGER_KINDS]
+requires_liger = pytest.mark.skipif(not liger_available(), reason="needs liger-kernel")
+
+
+# Liger's kernels compute -inf - -inf in masked lanes of the Triton interpreter (discarded).
+interpreter_nan_lanes = pytest.mark.filterwarnings("ignore:invalid value encountered in subtract")
+
+
+def _backend_param(kind: str, backend: str):
+    marks = [requires_liger, interpreter_nan_lanes] if backend == "liger" else []
+    return pytest.param(kind, backend, marks=marks, id=f"{kind}-{backend}")
+
+
+def _heads(seed: int, dtype=torch.float32, vocab=V, teacher_vocab=None, bias=True, length=T):
+    """Hidden states [B, T, d] and LM heads of a student (with grads) and a teacher (without)."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, length, D_S, generator=gen, dtype=dtype).requires_grad_()
+    weight = (torch.randn(vocab, D_S, generator=gen, dtype=dtype) / 2).requires_grad_()
+    bias_ = torch.randn(vocab, generator=gen, dtype=dtype).requires_grad_() if bias else None
+    teacher_hidden = torch.randn(B, length, D_T, generator=gen, dtype=dtype)
+    teacher_weight = torch.randn(teacher_vocab or vocab, D_T, generator=gen, dtype=dtype) / 2
+    labels = torch.randint(0, vocab, (B, length), generator=gen)
+    labels[0, :3] = -100
+    labels[1, -2:] = -100
+    return hidden, weight, bias_, teacher_hidden, teacher_weight, labels
+
+
+@pytest.mark.parametrize(("kind", "backend"), [_backend_param(*c) for c in BACKEND_CASES])
+def test_fused_linear_matches_float64_formula(kind: str, backend: str) -> None:
+    """Value and gradients (hidden, weight, bias) vs autograd on the float64 formula applied to
+    the float64 logits. fp32 logits of size ~5 from 8-term dot products carry ~1e-6 relative
+    error, hence rtol 2e-5 / atol 2e-6; chunk_size=3 forces a partial last chunk."""
+    bias = backend == "torch"
+    hidden, weight, bias_, teacher_hidden, teacher_weight, labels = _heads(7, bias=bias)
+    loss = fused_linear_distillation_loss(
+        hidden,
+        weight,
+        teacher_hidden,
+        teacher_weight,
+        labels,
+        kind,
+        temperature=2.5,
+        chunk_size=3,
+        student_bias=bias_,
+        backend=backend,
+    )
+    params = [t for t in (hidden, weight, bias_) if t is not None]
+    grads = torch.autograd.grad(loss, params)
+    params64 = [t.detach().double().requires_grad_() for t in params]
+    logits64 = F.linear(*params64)
+    ref = _reference(
+        logits64, F.linear(teacher_hidden.double(), teacher_weight.double()), labels, kind, 2.5
+    )
+    ref_grads = torch.autograd.grad(ref, params64)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    torch.testing.assert_close(loss.double(), ref, rtol=2e-5, atol=2e-6)
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fused_linear_gradcheck_float64(kind: str) -> None:
+    """Finite differences through the fused Function (hidden, weight and bias need grad)."""
+    hidden, weight, bias, teacher_hidden, teacher_weight, labels = _heads(
+        11, dtype=torch.float64, vocab=5, length=4
+    )
+
+    def fn(h, w, b):
+        return fused_linear_distillation_loss(
+            h,
+            w,
+            teacher_hidden,
+            teacher_weight,
+            labels,
+            kind,
+            temperature=1.7,
+            skew_alpha=0.3,
+            chunk_size=2,
+            student_bias=b,
+            backend="torch",
+        )
+
+    assert torch.autograd.gradcheck(fn, (hidden, weight, bias), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+@pytest.mark.parametrize(("kind", "backend"), [_backend_param(*c) for c in BACKEND_CASES])
+def test_fused_linear_equals_logits_path_under_bf16_autocast(kind: str, backend: str) -> None:
+    """Under bf16 autocast the heads run in bf16 like ``nn.Linear`` would, on the same rows: the
+    value equals the logits path to fp32 summation order plus bf16 matmul differences between a
+    chunk and the whole batch (rtol 2e-2, the bf16 matmul's own error); fp32 weight gradients."""
+    hidden, weight, _, teacher_hidden, teacher_weight, labels = _heads(13, bias=False, length=16)
+    results = []
+    for fused in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if fused:
+                loss = fused_linear_distillation_loss(
+                    hidden,
+                    weight,
+                    teacher_hidden,
+                    teacher_weight,
+                    labels,
+                    kind,
+                    chunk_size=5,
+                    backend=backend,
+                )
+            else:
+                loss = distillation_loss(
+                    F.linear(hidden, weight), F.linear(teacher_hidden, teacher_weight), labels, kind
+                )
+        results.append((loss, torch.autograd.grad(loss, (hidden, weight))))
+    (fused_loss, fused_grads), (loss, grads) = results
+    assert fused_loss.dtype == torch.float32
+    assert [g.dtype for g in fused_grads] == [torch.float32, torch.float32]
+    torch.testing.assert_close(fused_loss, loss, rtol=2e-2, atol=1e-3)
+    for fused_grad, grad in zip(fused_grads, grads, strict=True):
+        torch.testing.assert_close(fused_grad, grad, rtol=5e-2, atol=5e-3)
+
+
+def test_fused_linear_truncates_a_padded_vocabulary_and_scales_with_grad_output() -> None:
+    """A teacher head padded to 16 rows: vocab_size=11 uses the first 11 rows of both heads (the
+    padded rows get zero gradient); ``3 · loss`` backpropagates 3× the gradients."""
+    hidden, weight, bias, teacher_hidden, teacher_weight, labels = _heads(
+        17, vocab=13, teacher_vocab=16
+    )
+    with pytest.raises(ValueError, match=r"vocabulary size 13 .* has 16"):
+        fused_linear_distillation_loss(hidden, weight, teacher_hidden, teacher_weight, labels)
+    loss = fused_linear_distillation_loss(
+        hidden, weight, teacher_hidden, teacher_weight, labels, vocab_size=V, student_bias=bias
+    )
+    grads = torch.autograd.grad(3 * loss, (hidden, weight, bias))
+    expected = distillation_loss(
+        F.linear(hidden, weight[:V], bias[:V]), F.linear(teacher_hidden, teacher_weight[:V]), labels
+    )
+    expected_grads = torch.autograd.grad(3 * expected, (hidden, weight, bias))
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-7)
+    assert weight.shape[0] > V and grads[1][V:].abs().max() == 0
+
+
+@pytest.mark.parametrize(("kind", "backend"), [_backend_param(*c) for c in BACKEND_CASES])
+def test_fused_linear_no_response_token_gives_zero(kind: str, backend: str) -> None:
+    hidden, weight, _, teacher_hidden, teacher_weight, labels = _heads(19, bias=False)
+    labels.fill_(-100)
+    loss = fused_linear_distillation_loss(
+        hidden, weight, teacher_hidden, teacher_weight, labels, kind, backend=backend
+    )
+    grads = torch.autograd.grad(loss, (hidden, weight), allow_unused=True, materialize_grads=True)
+    assert loss.item() == 0.0 and all(g.abs().max() == 0 for g in grads)
+
+
+def test_fused_linear_saves_no_logits() -> None:
+    """Autograd keeps only the three precomputed gradients: the gathered response rows' hidden
+    gradient [N, d_S], the weight gradient [V, d_S] and the bias gradient [V] — nothing [N, V]."""
+    hidden, weight, bias, teacher_hidden, teacher_weight, labels = _heads(23, vocab=64, length=32)
+    n_rows = int((labels[:, 1:] != -100).sum())
+    saved: list[weakref.ref] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(weakref.ref(t))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = fused_linear_distillation_loss(
+            hidden,
+            weight,
+            teacher_hidden,
+            teacher_weight,
+            labels,
+            student_bias=bias,
+            chunk_size=8,
+            backend="torch",
+        )
+    gc.collect()
+    alive = {tuple(t.shape) for ref in saved if (t := ref()) is not None}
+    assert {(n_rows, D_S), (64, D_S), (64,)} <= alive
+    assert not any(len(shape) == 2 and shape[1] == 64 and shape[0] != 64 for shape in alive)
+    loss.backward()
+    assert hidden.grad is not None and weight.grad is not None
+
+
+@pytest.mark.parametrize(("kind", "backend"), [_backend_param(*c) for c in BACKEND_CASES])
+def test_fused_linear_no_grad_path_matches(kind: str, backend: str) -> None:
+    hidden, weight, _, teacher_hidden, teacher_weight, labels = _heads(27, bias=False)
+    args = (hidden, weight, teacher_hidden, teacher_weight, labels, kind)
+    with_grad = fused_linear_distillation_loss(*args, backend=backend, chunk_size=4)
+    with torch.no_grad():
+        without = fused_linear_distillation_loss(*args, backend=backend, chunk_size=4)
+    assert with_grad.requires_grad and not without.requires_grad
+    torch.testing.assert_close(without, with_grad.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_fused_linear_auto_takes_torch_on_cpu() -> None:
+    """``auto`` uses Liger only on CUDA: on CPU it is the torch path, bit for bit."""
+    hidden, weight, _, teacher_hidden, teacher_weight, labels = _heads(29, bias=False)
+    args = (hidden, weight, teacher_hidden, teacher_weight, labels, "jsd")
+    auto = fused_linear_distillation_loss(*args, backend="auto")
+    torch.testing.assert_close(
+        auto, fused_linear_distillation_loss(*args, backend="torch"), rtol=0, atol=0
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (dict(backend="triton"), ValueError, "backend must be one of"),
+        (
+            dict(kind="tvd", backend="liger"),
+            ValueError,
+            "backend='liger' cannot run.*no kind='tvd'",
+        ),
+        (dict(student_bias=torch.zeros(V), backend="liger"), ValueError, "takes no LM-head bias"),
+        (
+            dict(student_bias=torch.zeros(V + 1)),
+            ValueError,
+            r"student_bias must be None or a \[V\]",
+        ),
+        (
+            dict(student_weight=torch.zeros(V, D_S + 1)),
+            ValueError,
+            "student_weight must have shape",
+        ),
+        (
+            dict(teacher_weight=torch.zeros(V, D_T + 1)),
+            ValueError,
+            "teacher_weight must have shape",
+        ),
+        (dict(teacher_hidden=torch.zeros(B, T + 1, D_T)), ValueError, "teacher_hidden must have"),
+        (dict(teacher_hidden=None), ValueError, "kind='fkl' needs teacher_hidden"),
+        (dict(student_hidden=torch.zeros(B * T, D_S)), ValueError, r"\[B, T, d_S\]"),
+        (
+            dict(teacher_weight=torch.zeros(V, D_T, requires_grad=True)),
+            ValueError,
+            "teacher is constant",
+        ),
+        (dict(labels=torch.zeros(B, T)), TypeError, "labels must be an integer tensor"),
+        (dict(chunk_size=0), ValueError, "chunk_size must be a positive int"),
+    ],
+)
+def test_fused_linear_errors(kwargs: dict, error: type[Exception], match: str) -> None:
+    hidden, weight, _, teacher_hidden, teacher_weight, labels = _heads(31, bias=False)
+    args = dict(
+        student_hidden=hidden,
+        student_weight=weight,
+        teacher_hidden=teacher_hidden,
+        teacher_weight=teacher_weight,
+        labels=labels,
+    )
+    with pytest.raises(error, match=match):
+        fused_linear_distillation_loss(**(args | kwargs))
+
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -305,3 +566,27 @@ def test_cuda_peak_memory_is_bounded_by_the_chunk() -> None:
     extra = torch.cuda.max_memory_allocated() - base
     grad_bytes = student.numel() * student.element_size()
     assert extra <= grad_bytes + 24 * chunk * vocab * 4 + (8 << 20), extra
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize(("kind", "backend"), [_backend_param(*c) for c in BACKEND_CASES])
+def test_cuda_fused_linear_bf16_matches_logits_path(kind: str, backend: str) -> None:
+    """bf16 heads on CUDA: the fused loss equals the logits path on the same device (both run the
+    bf16 matmul; rtol 2e-2 covers a chunk's vs the whole batch's bf16 GEMM rounding)."""
+    hidden, weight, _, teacher_hidden, teacher_weight, labels = _heads(37, bias=False, length=64)
+    s_h, s_w = (t.detach().cuda().bfloat16().requires_grad_() for t in (hidden, weight))
+    t_h, t_w, labels = (
+        teacher_hidden.cuda().bfloat16(),
+        teacher_weight.cuda().bfloat16(),
+        labels.cuda(),
+    )
+    fused = fused_linear_distillation_loss(
+        s_h, s_w, t_h, t_w, labels, kind, chunk_size=16, backend=backend
+    )
+    fused_grads = torch.autograd.grad(fused, (s_h, s_w))
+    plain = distillation_loss(F.linear(s_h, s_w), F.linear(t_h, t_w), labels, kind)
+    grads = torch.autograd.grad(plain, (s_h, s_w))
+    torch.testing.assert_close(fused, plain, rtol=2e-2, atol=1e-3)
+    for fused_grad, grad in zip(fused_grads, grads, strict=True):
+        torch.testing.assert_close(fused_grad.float(), grad.float(), rtol=5e-2, atol=5e-3)

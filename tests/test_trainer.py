@@ -24,7 +24,13 @@ import mta_kernels
 from mta.data import DistillationCollator, DistillationDataset, format_record, pad_token_id
 from mta.layers import LayerPair, plan_layers
 from mta.loss import MTALoss
-from mta.trainer import PROJECTORS_NAME, MTATrainer, MTATrainingArguments, load_projectors
+from mta.trainer import (
+    PROJECTORS_NAME,
+    MTATrainer,
+    MTATrainingArguments,
+    fused_head_refusal,
+    load_projectors,
+)
 
 EXAMPLES = [format_record(r) for r in RECORDS]
 MAX_LENGTH = 192  # every example's prompt and response fit
@@ -313,3 +319,66 @@ def test_teacher_keeps_only_the_aligned_layers(tmp_path, toks):
     logits, hidden = trainer._teacher_forward(batch)
     assert sorted(hidden) == [2, 4] and logits.shape[:2] == batch["input_ids"].shape
     assert not os.listdir(tmp_path)  # nothing saved by merely building a trainer
+
+
+def weights(module):
+    return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    ("kind", "base_loss"), [("gpt2", "skew_rkl"), ("llama", "jsd"), ("cross", "ce")]
+)
+def test_fused_lm_head_trains_like_the_logits_path(tmp_path, toks, kind, base_loss):
+    """The fused LM head (no [B, T, V] logits) takes the same steps as the logits path: losses
+    and updated weights agree to float32 summation order (rtol 1e-4 after 3 Adam steps, which
+    amplify ~1e-7 gradient differences where a gradient is near zero); eval works without
+    logits."""
+    runs = []
+    for mode in ("on", "off"):
+        trainer = make_trainer(
+            tmp_path / mode, kind, toks, max_steps=3, fused_lm_head=mode, base_loss=base_loss
+        )
+        assert trainer.fused_lm_head == (mode == "on")
+        trainer.eval_dataset = trainer.train_dataset
+        trainer.train()
+        logs = [h for h in trainer.state.log_history if "base_loss" in h]
+        runs.append((logs, weights(trainer.student), weights(trainer.mta_loss), trainer.evaluate()))
+    (fused_logs, *fused), (logs, *plain) = runs
+    for fused_log, log in zip(fused_logs, logs, strict=True):
+        for key in ("loss", "base_loss", "dsa", "hra"):
+            assert fused_log[key] == pytest.approx(log[key], rel=1e-4), key
+    for fused_weights, plain_weights in zip(fused[:2], plain[:2], strict=True):
+        for name, value in fused_weights.items():
+            torch.testing.assert_close(value, plain_weights[name], rtol=1e-4, atol=1e-6)
+    assert fused[2]["eval_loss"] == pytest.approx(plain[2]["eval_loss"], rel=1e-4)
+
+
+class ScaledLogitsGPT2(GPT2LMHeadModel):
+    """A head whose logits are rescaled after the LM head (as Cohere's logit_scale)."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+
+def test_fused_lm_head_modes(tmp_path, toks):
+    """'auto' falls back to logits on CPU; 'on' refuses a head whose logits are transformed
+    after the LM head, naming the model; bools are accepted (YAML on/off)."""
+    assert make_trainer(tmp_path, "gpt2", toks).fused_lm_head is False  # auto, no CUDA
+    tok = toks["bytelevel"]
+    plain = gpt2(tok, 2, 32)
+    scaled = ScaledLogitsGPT2(plain.config)
+    assert fused_head_refusal(plain) is None
+    assert "not its LM head applied" in fused_head_refusal(scaled)
+    assert plain.training  # the probe restores the mode
+    args = MTATrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to=[], fused_lm_head=True
+    )
+    assert args.fused_lm_head == "on"
+    with pytest.raises(
+        ValueError, match="fused_lm_head='on' cannot be used: the teacher: its logits"
+    ):
+        MTATrainer(plain, ScaledLogitsGPT2(gpt2(tok, 4, 48).config), args, processing_class=tok)
+    with pytest.raises(ValueError, match="fused_lm_head must be one of"):
+        MTATrainingArguments(output_dir=str(tmp_path), fused_lm_head="always")
