@@ -1,13 +1,17 @@
 """End-to-end cost of MTA in one distillation step of a GPT-2 pair built from configs.
 
-Variants (same models, same batches): ``base`` = forward-KL distillation alone; ``mta`` = base +
-the MTA term of :func:`benchmarks.bench_ops.mta_loss` through the fused ``mta_kernels`` ops;
-``eager`` = the same through ``mta_kernels.reference``. A step is teacher forward (no grad),
-student forward, loss, backward and an AdamW step; on CUDA the models run under bf16 autocast
-(teacher weights in bf16, student master weights in fp32) and the MTA term outside autocast (its
-math is fp32 by spec). Weights are random: the cost of a step does not depend on them.
+Variants (same models, same batches): ``base`` = forward-KL distillation alone on the models'
+logits; ``fused_head`` = the same forward KL through
+:func:`mta.kd_losses.fused_linear_distillation_loss` (both models run without their LM heads; no
+``[B, T, V]`` logits); ``mta`` = base + the MTA term of :func:`benchmarks.bench_ops.mta_loss`
+through the fused ``mta_kernels`` ops; ``eager`` = the same through ``mta_kernels.reference``.
+A step is teacher forward (no grad), student forward, loss, backward and an AdamW step; on CUDA
+the models run under bf16 autocast (teacher weights in bf16, student master weights in fp32) and
+the MTA term outside autocast (its math is fp32 by spec). Weights are random: the cost of a step
+does not depend on them.
 
-The MTA overhead of a variant is ``(ms_variant − ms_base) / ms_base`` (the paper's is +0.85).
+The overhead of a variant is ``(ms_variant − ms_base) / ms_base`` (the paper's MTA overhead is
++0.85; the fused head's is expected below 0, with a lower peak memory).
 
 Usage::
 
@@ -31,6 +35,7 @@ from torch import Tensor, nn
 import mta_kernels as mk
 from benchmarks import harness
 from benchmarks.bench_ops import RESULTS_DIR, Shape, make_batch, mta_loss, units_for
+from mta.kd_losses import fused_linear_distillation_loss
 from mta_kernels import reference
 
 E2E_COLUMNS = (
@@ -49,7 +54,7 @@ E2E_COLUMNS = (
     "commit",
     "date",
 )
-VARIANTS = ("base", "mta", "eager")
+VARIANTS = ("base", "fused_head", "mta", "eager")
 IGNORE_INDEX = -100
 
 
@@ -148,7 +153,7 @@ def make_step_batch(preset: Preset, device: torch.device, seed: int) -> dict[str
 def train_step(models: Models, variant: str, batch: dict[str, Any]) -> None:
     """One distillation step: KD loss (+ the MTA term unless ``variant == "base"``), AdamW step."""
     device = batch["input_ids"].device
-    with_mta = variant != "base"
+    with_mta = variant in ("mta", "eager")
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)
         if device.type == "cuda"
@@ -160,10 +165,23 @@ def train_step(models: Models, variant: str, batch: dict[str, Any]) -> None:
         "output_hidden_states": with_mta,
     }
     with autocast:
-        with torch.no_grad():
-            teacher_out = models.teacher(**inputs)
-        student_out = models.student(**inputs)
-        loss = forward_kl(student_out.logits, teacher_out.logits, batch["labels"])
+        if variant == "fused_head":  # last hidden states only, the heads fused into the loss
+            with torch.no_grad():
+                teacher_out = models.teacher.transformer(**inputs)
+            student_out = models.student.transformer(**inputs)
+            loss = fused_linear_distillation_loss(
+                student_out.last_hidden_state,
+                models.student.lm_head.weight,
+                teacher_out.last_hidden_state,
+                models.teacher.lm_head.weight,
+                batch["labels"],
+                kind="fkl",
+            )
+        else:
+            with torch.no_grad():
+                teacher_out = models.teacher(**inputs)
+            student_out = models.student(**inputs)
+            loss = forward_kl(student_out.logits, teacher_out.logits, batch["labels"])
     if with_mta:
         ops = mk if variant == "mta" else reference
         with torch.autocast(device.type, enabled=False):

@@ -406,7 +406,7 @@ def e2e_table(card: CardResults) -> str:
         "p20",
         "p80",
         "peak MiB",
-        "MTA overhead",
+        "time vs base",
     ]
     body = [
         [

@@ -448,6 +448,14 @@ class MTATrainer(Trainer):
                 "`torchrun --nproc_per_node N -m mta.cli ...` or `accelerate launch`, or set "
                 "CUDA_VISIBLE_DEVICES to one GPU"
             )
+        if (self.args.fsdp or self.args.deepspeed) and not (
+            self.is_fsdp_enabled or self.is_deepspeed_enabled
+        ):
+            logger.warning(
+                "training.fsdp/deepspeed is set but accelerate runs %s without it (FSDP and "
+                "DeepSpeed need CUDA devices): this run uses plain data parallelism",
+                self.accelerator.distributed_type,
+            )
         if getattr(teacher_model, "hf_device_map", None) is None:
             self.teacher.to(self.args.device)
         forward_params = inspect.signature(teacher_model.forward).parameters
@@ -538,7 +546,8 @@ class MTATrainer(Trainer):
         if self.args.base_loss != "ce":
             models.append(("teacher", self.teacher))
             weight = self.teacher.get_output_embeddings().weight
-            if weight.device != self.args.device:
+            # (an empty tensor resolves "cpu:0" to "cpu" and "cuda" to the current index)
+            if weight.device != torch.empty(0, device=self.args.device).device:
                 reasons.append(
                     f"the teacher's LM head is on {weight.device}, not on the training device "
                     f"{self.args.device}"
@@ -771,12 +780,15 @@ class MTATrainer(Trainer):
     def _load_from_checkpoint(
         self, resume_from_checkpoint: str, model: nn.Module | None = None
     ) -> None:
-        """Load the student's weights and the projectors from a checkpoint directory."""
+        """Load the student's weights and the projectors from a checkpoint directory.
+
+        FSDP and DeepSpeed runs resume from their own checkpoint files (``pytorch_model_fsdp*``,
+        ``global_step*``), which ``Trainer`` writes beside the plain student and which hold the
+        whole wrapped module, student and projectors: those go through ``Trainer``'s loader.
+        """
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
-            raise NotImplementedError(
-                "resuming an FSDP or DeepSpeed run from a checkpoint is not supported yet: start "
-                "a new run from the saved student (model.student=<checkpoint dir>), or use DDP"
-            )
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
         wrapper = self.accelerator.unwrap_model(model if model is not None else self.model)
         student = wrapper.student
         single = os.path.join(resume_from_checkpoint, SAFE_WEIGHTS_NAME)
@@ -801,4 +813,7 @@ class MTATrainer(Trainer):
             load_projectors(resume_from_checkpoint, wrapper.mta_loss)
 
     def _load_best_model(self) -> None:
-        self._load_from_checkpoint(self.state.best_model_checkpoint)
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            super()._load_best_model()  # their own checkpoint files (see _load_from_checkpoint)
+        else:
+            self._load_from_checkpoint(self.state.best_model_checkpoint)

@@ -514,7 +514,7 @@ def test_key_layers_follow_the_design_default():
     ("device", "variants"),
     [
         # the fused variant runs through the Triton interpreter on CPU (~10 s a step): CUDA only
-        pytest.param("cpu", ("base", "eager"), id="cpu"),
+        pytest.param("cpu", ("base", "fused_head", "eager"), id="cpu"),
         pytest.param("cuda", bench_e2e.VARIANTS, id="cuda", marks=CUDA),
     ],
 )
