@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One command for a GPU machine: the CUDA test suite, one distillation step end to end, the op
-# sweep, then a summary printed last. Uses only torch, triton, transformers and pytest from the
+# One command for a GPU machine: the CUDA test suite, the FSDP resume test, one distillation step
+# end to end, the op sweep, then a summary printed last. Uses only torch, triton, transformers and pytest from the
 # image; the package is imported from the source tree (PYTHONPATH=.), nothing is installed.
 #
 #   OUT=/tmp/gpu_check bash benchmarks/gpu_check.sh                  # on the GPU machine
@@ -21,6 +21,7 @@ export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 TOTAL_S=${MTA_GPU_CHECK_TOTAL_S:-450}
 TEST_S=${MTA_GPU_CHECK_TEST_S:-150}
 E2E_S=${MTA_GPU_CHECK_E2E_S:-90}
+FSDP_S=${MTA_GPU_CHECK_FSDP_S:-75}
 RESERVE_S=25 # rendering the summary, and the margin of the sweep's hard cap
 LOG=$OUT/gpu_check.log
 STEP_OUT=$(mktemp)
@@ -44,6 +45,7 @@ run_step() {
   local name=$1 cap=$2 rc note=""
   shift 2
   echo "=== $name (cap ${cap} s, started at $((SECONDS - start)) s)" | tee -a "$LOG"
+  : >"$STEP_OUT" # this step's output only
   timeout --kill-after=10 "$cap" "$@" 2>&1 | tee -a "$LOG" "$STEP_OUT"
   rc=${PIPESTATUS[0]}
   [[ $rc == 124 || $rc == 137 ]] && note=" (time cap reached)"
@@ -67,8 +69,14 @@ else:
 '
 
 run_step "CUDA tests" "$TEST_S" "$PY" -m pytest tests -m "cuda or kernels" -q -rfEs -p no:cacheprovider \
-  --benchmark-disable
+  --benchmark-disable --ignore=tests/test_fsdp.py
 tests_line=$(grep -E '(passed|failed|error|skipped|deselected|no tests ran)' "$STEP_OUT" | tail -n 1)
+
+# Two torchrun launches of the trainer under accelerate's FSDP: capped apart so that a slow start
+# cannot eat the kernel tests' time.
+run_step "FSDP resume test" "$FSDP_S" "$PY" -m pytest tests/test_fsdp.py -m cuda -q -rfEs \
+  -p no:cacheprovider
+fsdp_line=$(grep -E '(passed|failed|error|skipped|deselected|no tests ran)' "$STEP_OUT" | tail -n 1)
 
 run_step "end-to-end step" "$E2E_S" "$PY" -m benchmarks.bench_e2e --device "$device" \
   --out-dir "$OUT" "${e2e_args[@]}"
@@ -88,6 +96,7 @@ run_step summary 60 "$PY" -m benchmarks.render --results "$OUT" --summary "$OUT/
   echo
   for step in "${steps[@]}"; do echo "- $step"; done
   echo "- tests: ${tests_line:-no pytest summary line}"
+  echo "- FSDP test: ${fsdp_line:-no pytest summary line}"
   echo "- total: $((SECONDS - start)) s; full log: gpu_check.log"
 } >>"$OUT/summary.md"
 echo

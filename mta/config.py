@@ -150,6 +150,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 continue
         raise wrong
     if origin is Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(args):
+            return "on" if value else "off"  # YAML 1.1 reads unquoted on/off as booleans
         if value in args:
             return value
         raise ValueError(f"config key {key!r} must be one of {list(args)}, got {value!r}")

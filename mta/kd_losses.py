@@ -35,10 +35,13 @@ reverse KL at ``β = 1``; ``backend="torch"`` is this module's own chunked proje
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import math
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -357,18 +360,18 @@ def _fused_linear_chunks(
     float64 weights)."""
     device = student_hidden.device
     loss_dtype = torch.float64 if student_weight.dtype == torch.float64 else torch.float32
-    with torch.autocast(device.type, enabled=False):
-        dtype = _matmul_dtype(student_hidden, student_weight)
-        weight = student_weight.to(dtype)
-        bias = None if student_bias is None else student_bias.to(dtype)
-        teacher = None
-        if teacher_hidden is not None:
-            teacher_dtype = _matmul_dtype(teacher_hidden, teacher_weight)
-            teacher = (
-                teacher_weight.to(teacher_dtype),
-                None if teacher_bias is None else teacher_bias.to(teacher_dtype),
-            )
-    # (the autocast state is read above, before it is disabled)
+    # Read the ambient autocast state first: the chunk loop below runs with autocast disabled,
+    # on operands cast once to the dtype an nn.Linear would have used.
+    dtype = _matmul_dtype(student_hidden, student_weight)
+    weight = student_weight.to(dtype)
+    bias = None if student_bias is None else student_bias.to(dtype)
+    teacher = None
+    if teacher_hidden is not None:
+        teacher_dtype = _matmul_dtype(teacher_hidden, teacher_weight)
+        teacher = (
+            teacher_weight.to(teacher_dtype),
+            None if teacher_bias is None else teacher_bias.to(teacher_dtype),
+        )
     grad_hidden = torch.zeros_like(student_hidden) if needs_grad[0] else None
     grad_weight = (
         torch.zeros(student_weight.shape, dtype=loss_dtype, device=device)
@@ -450,9 +453,17 @@ class _FusedLinearLoss(torch.autograd.Function):
         return *grads, None, None, None, None, None, None, None
 
 
+@functools.cache
 def liger_available() -> bool:
-    """Whether Liger-Kernel is installed (it is imported only when used)."""
-    return importlib.util.find_spec("liger_kernel") is not None
+    """Whether Liger-Kernel's fused linear JSD imports (checked once; a broken install counts as
+    absent rather than failing inside a training step)."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        return False
+    try:
+        from liger_kernel.transformers import LigerFusedLinearJSD  # noqa: F401
+    except Exception:  # e.g. a Triton it was not built for
+        return False
+    return True
 
 
 def _liger_refusal(kind: str, device: torch.device, biases: bool, explicit: bool) -> str | None:
@@ -488,7 +499,10 @@ def _liger_loss(
     if not torch.is_autocast_enabled(device):  # it multiplies hidden states by weights as given
         hidden = hidden.to(weight.dtype)
         teacher_hidden = teacher_hidden.to(teacher_weight.dtype)
-    jsd = LigerFusedLinearJSD(jsd_beta=LIGER_KINDS[kind], temperature=temperature)
+    options: dict[str, Any] = {"jsd_beta": LIGER_KINDS[kind], "temperature": temperature}
+    if "accum_dtype" in inspect.signature(LigerFusedLinearJSD).parameters:
+        options["accum_dtype"] = torch.float32  # the weight gradient sums over chunks
+    jsd = LigerFusedLinearJSD(**options)
     mean = jsd(hidden, weight, teacher_hidden, teacher_weight, None)
     return mean.float() * (hidden.shape[0] * temperature**2)
 
@@ -528,7 +542,8 @@ def fused_linear_distillation_loss(
         chunk_size: response rows per chunk; default ``max(1, 2**25 // V)``.
         backend: ``"torch"`` (this module's chunks), ``"liger"`` (Liger-Kernel's
             ``LigerFusedLinearJSD``: kinds ``fkl``/``rkl``/``jsd``, no bias, CUDA) or
-            ``"auto"`` (Liger when it can run these inputs, else torch).
+            ``"auto"`` (Liger when it can run these inputs and gradients are wanted, else
+            torch).
 
     Returns:
         A float32 scalar (float64 for float64 weights with the torch backend).
@@ -612,7 +627,13 @@ def fused_linear_distillation_loss(
     refusal = _liger_refusal(kind, hidden.device, biases, explicit=backend == "liger")
     if backend == "liger" and refusal is not None:
         raise ValueError(f"backend='liger' cannot run this loss: {refusal}")
-    if backend != "torch" and refusal is None and rows.numel() > 0:
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
+    # Liger computes the gradients in its forward whether they are needed or not: "auto" keeps
+    # it for training steps. With no response row there is nothing to project.
+    use_liger = backend == "liger" or (backend == "auto" and needs_grad)
+    if use_liger and refusal is None and rows.numel() > 0:
         total = _liger_loss(
             kind, float(temperature), hidden, weight, teacher_hidden, teacher_weight
         )
@@ -621,8 +642,6 @@ def fused_linear_distillation_loss(
     chunk_size = chunk_size or max(1, CHUNK_ELEMENTS // vocab)
     spec = _Spec(kind, float(temperature), float(skew_alpha), vocab)
     tensors = (hidden, weight, bias, teacher_hidden, teacher_weight, teacher_bias, targets)
-    if torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias)
-    ):
+    if needs_grad:
         return _FusedLinearLoss.apply(*tensors, spec, chunk_size, scale)
     return _fused_linear_chunks(spec, *tensors, chunk_size, scale, (False, False, False))[0]

@@ -37,7 +37,7 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import safetensors.torch
 import torch
@@ -45,6 +45,11 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, Trainer, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME, load_sharded_checkpoint
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, ModelOutput, logging
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed support
+    DTensor = ()  # isinstance(x, ()) is False
 
 from mta.kd_losses import (
     KINDS,
@@ -99,7 +104,7 @@ class MTATrainingArguments(TrainingArguments):
     projector_weight_decay: float = field(
         default=0.0, metadata={"help": "Weight decay of the MTA projectors' parameter group."}
     )
-    fused_lm_head: str | bool = field(
+    fused_lm_head: Literal["auto", "on", "off"] = field(
         default="auto",
         metadata={
             "help": "Compute the base loss from the last hidden states and the LM heads chunk by "
@@ -116,7 +121,7 @@ class MTATrainingArguments(TrainingArguments):
     def __post_init__(self) -> None:
         if self.base_loss not in KINDS:
             raise ValueError(f"base_loss must be one of {KINDS}, got {self.base_loss!r}")
-        if isinstance(self.fused_lm_head, bool):  # YAML reads on/off as booleans
+        if isinstance(self.fused_lm_head, bool):  # True/False from Python code
             self.fused_lm_head = "on" if self.fused_lm_head else "off"
         if self.fused_lm_head not in FUSED_HEAD_MODES:
             raise ValueError(
@@ -231,7 +236,7 @@ class StudentWithProjectors(nn.Module):
             loss = fused_head_loss
             base_loss_sum = fused_linear_distillation_loss(
                 out.last_hidden_state,
-                head.weight,
+                _unsharded_weight(head),
                 loss.teacher_hidden,
                 loss.teacher_weight,
                 loss.labels,
@@ -260,6 +265,20 @@ class StudentWithProjectors(nn.Module):
         return () if self.mta_loss is None else self.mta_loss.layer_pairs
 
 
+def _unsharded_weight(head: nn.Linear) -> Tensor:
+    """The LM head's full [V, d] weight, read in the wrapper's forward without calling the head:
+    FSDP has it unsharded there only when the head belongs to the root unit."""
+    weight = head.weight
+    if isinstance(weight, DTensor) or tuple(weight.shape) != (head.out_features, head.in_features):
+        raise RuntimeError(
+            f"the student's LM head weight is sharded here ({type(weight).__name__} of shape "
+            f"{tuple(weight.shape)}): FSDP wrapped the head in a unit of its own. With "
+            "fused_lm_head the head must stay in the root unit: wrap the transformer blocks only "
+            "(fsdp_config transformer_layer_cls_to_wrap), or set fused_lm_head='off'"
+        )
+    return weight
+
+
 def _num_layers(model: PreTrainedModel) -> int:
     config = model.config.get_text_config()
     return int(config.num_hidden_layers)
@@ -278,16 +297,32 @@ def _vocab_rows(model: PreTrainedModel) -> int:
     return int(model.config.get_text_config().vocab_size)
 
 
+# Config attributes of architectures whose logits are transformed after the LM head, with the
+# value that means "no transform" (Gemma 2/3 soft-capping, Cohere/Granite/Falcon-H1 scaling).
+_LOGIT_TRANSFORMS = {
+    "final_logit_softcapping": None,
+    "logit_scale": 1.0,
+    "logits_scaling": 1.0,
+    "lm_head_multiplier": 1.0,
+}
+
+
 def fused_head_refusal(model: PreTrainedModel) -> str | None:
     """Why ``model``'s logits are not ``lm_head(base_model(...).last_hidden_state)`` (None if
-    they are): a non-``Linear`` head, no separate base model, or logits transformed after the
-    head (soft-capping, scaling). Checked by running both on 8 tokens in eval mode."""
+    they are): a non-``Linear`` head, no separate base model, a config that transforms logits
+    after the head, or logits that differ from the head's output on 8 tokens in eval mode (the
+    same kernel on the same rows: compared at rtol 1e-5, tighter than a soft-cap's effect)."""
     head = model.get_output_embeddings()
     if not isinstance(head, nn.Linear):
         return f"its output embeddings are {type(head).__name__}, not an nn.Linear LM head"
     base = model.base_model
     if base is model:
         return "it has no separate base model whose last hidden state feeds the LM head"
+    config = model.config.get_text_config()
+    for name, identity in _LOGIT_TRANSFORMS.items():
+        value = getattr(config, name, identity)
+        if value is not None and value != identity:
+            return f"its config transforms the logits after the LM head ({name}={value})"
     embeddings = model.get_input_embeddings()
     ids = torch.arange(min(8, head.weight.shape[0]), device=embeddings.weight.device)[None]
     was_training = model.training
@@ -300,7 +335,7 @@ def fused_head_refusal(model: PreTrainedModel) -> str | None:
     finally:
         model.train(was_training)
     if logits.shape != fused.shape or not torch.allclose(
-        logits.float(), fused.float().to(logits.device), rtol=1e-3, atol=1e-3
+        logits.float(), fused.float().to(logits.device), rtol=1e-5, atol=1e-6
     ):
         return (
             "its logits are not its LM head applied to its last hidden state (a logit "
@@ -636,6 +671,10 @@ class MTATrainer(Trainer):
         if need_base:
             base = out.last_hidden_state if self.fused_lm_head else out.logits
         del out  # drop the other layers' hidden states now
+        if self.fused_lm_head:  # a device_map teacher's base model ends on its last shard
+            device = self.args.device
+            hidden = {layer: h.to(device) for layer, h in hidden.items()}
+            base = None if base is None else base.to(device)
         return base, hidden
 
     def compute_loss(

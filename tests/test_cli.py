@@ -45,6 +45,10 @@ def test_repository_configs_load():
     assert isinstance(config.training["learning_rate"], float)  # "5.0e-4" read as a float
     tiny = load_config(TINY, ["training.learning_rate=1e-4", "mta.layer_pairs=[[1, 2, word]]"])
     assert tiny.training["learning_rate"] == 1e-4 and tiny.mta.layer_pairs == [(1, 2, "word")]
+    # YAML 1.1 reads unquoted on/off as booleans: a choice of "on"/"off" takes them back
+    for value, expected in (("on", "on"), ("off", "off"), ("'on'", "on"), ("auto", "auto")):
+        fused = load_config(TINY, [f"training.fused_lm_head={value}"])
+        assert fused.training["fused_lm_head"] == expected
 
 
 @pytest.mark.parametrize(
@@ -60,6 +64,7 @@ def test_repository_configs_load():
         (["mta.lambda_dsa=high"], TypeError, "'mta.lambda_dsa' expects float, got str 'high'"),
         (["training.max_steps=2.5"], TypeError, "'training.max_steps' expects int"),
         (["mta.metric=l2"], ValueError, r"'mta.metric' must be one of \['cosine', 'euclidean'\]"),
+        (["training.fused_lm_head=always"], ValueError, r"must be one of \['auto', 'on', 'off'\]"),
         (["mta.layer_pairs=[[1, 2]]"], ValueError, r"'mta.layer_pairs\[0\]' expects 3 items"),
         (["data.max_length"], ValueError, "must look like 'section.key=value'"),
         (["data.max_length.x=3"], ValueError, "'max_length' is a value, not a section"),

@@ -18,7 +18,14 @@ import pytest
 import safetensors.torch
 import torch
 from training_helpers import RECORDS, gpt2, make_tokenizer, regex_units
-from transformers import GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GPT2LMHeadModel,
+    HfArgumentParser,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 import mta_kernels
 from mta.data import DistillationCollator, DistillationDataset, format_record, pad_token_id
@@ -382,3 +389,32 @@ def test_fused_lm_head_modes(tmp_path, toks):
         MTATrainer(plain, ScaledLogitsGPT2(gpt2(tok, 4, 48).config), args, processing_class=tok)
     with pytest.raises(ValueError, match="fused_lm_head must be one of"):
         MTATrainingArguments(output_dir=str(tmp_path), fused_lm_head="always")
+    (parsed,) = HfArgumentParser(MTATrainingArguments).parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--fused_lm_head", "off"]
+    )
+    assert parsed.fused_lm_head == "off"
+
+
+def test_fused_head_refuses_soft_capped_logits_and_sharded_heads(tmp_path, toks):
+    """A config that transforms logits after the head (Gemma 2 soft-capping, whose effect on a
+    fresh model's small logits is below any probe tolerance) is refused by name; an LM head
+    weight that is sharded inside the wrapper's forward (FSDP unit of its own) is an error that
+    says how to wrap instead."""
+    gemma = Gemma2ForCausalLM(
+        Gemma2Config(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+        )
+    )
+    assert "final_logit_softcapping=30.0" in fused_head_refusal(gemma)
+    trainer = make_trainer(tmp_path, "llama", toks, fused_lm_head="on")
+    head = trainer.student.get_output_embeddings()
+    head.weight = torch.nn.Parameter(head.weight.detach().flatten()[:10])  # a flat shard
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    with pytest.raises(RuntimeError, match="FSDP wrapped the head in a unit of its own"):
+        trainer.compute_loss(trainer.model, batch)
