@@ -196,7 +196,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
     run(config)
+    _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Destroy the process group a distributed run (torchrun, accelerate launch) created: left to
+    interpreter shutdown, gloo's threads can abort the process ("terminate called without an
+    active exception") after a successful run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -475,11 +475,11 @@ def _liger_refusal(kind: str, device: torch.device, biases: bool, explicit: bool
         )
     if biases:
         return "Liger-Kernel's fused linear JSD takes no LM-head bias"
-    if not liger_available():
-        return "Liger-Kernel is not installed (pip install liger-kernel)"
     interpreted = explicit and os.environ.get("TRITON_INTERPRET") == "1"
     if device.type != "cuda" and not interpreted:
         return f"Liger-Kernel's Triton kernels need CUDA tensors, got {device.type} tensors"
+    if not liger_available():
+        return "Liger-Kernel is not installed or does not import (pip install liger-kernel)"
     return None
 
 

@@ -565,9 +565,9 @@ class MTATrainer(Trainer):
         if mode == "off":
             return False
         if mode == "auto" and not (
-            liger_available()
-            and self.args.device.type == "cuda"
+            self.args.device.type == "cuda"
             and self.args.base_loss in LIGER_KINDS
+            and liger_available()
         ):
             return False
         reasons = []

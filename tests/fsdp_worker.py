@@ -147,6 +147,7 @@ def train_with_accelerate_fsdp(output_dir: str, resume: str | None) -> None:
 def main() -> None:
     if sys.argv[1] == "trainer":  # trainer OUTPUT_DIR [RESUME_FROM]
         train_with_accelerate_fsdp(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None)
+        dist.destroy_process_group()
         return
     out = sys.argv[1]
     results = {}
