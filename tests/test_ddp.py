@@ -11,15 +11,11 @@ that move by > 1e-3, 1e-5 relative on losses).
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import safetensors.torch
 import torch
-from training_helpers import RECORDS, TINY, write_tiny_run
+from training_helpers import RECORDS, TINY, torchrun, write_tiny_run
 
 import mta_kernels
 from mta.cli import run
@@ -28,12 +24,6 @@ from mta.trainer import PROJECTORS_NAME
 
 # 8 examples with different response lengths: two optimizer steps of a global batch of 4.
 DDP_RECORDS = [r for r in RECORDS if "text" not in r][:4] * 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _losses(output_dir) -> list[float]:
@@ -64,14 +54,8 @@ def test_ddp_two_processes_match_one(tmp_path, monkeypatch):
         run(load_config(TINY, [*single, "training.per_device_train_batch_size=4"]))
     initial = safetensors.torch.load_file(tmp_path / "student" / "model.safetensors")
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["OMP_NUM_THREADS"] = "1"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        f"--master_port={_free_port()}",
+    torchrun(
+        2,
         "-m",
         "mta.cli",
         "--config",
@@ -80,9 +64,7 @@ def test_ddp_two_processes_match_one(tmp_path, monkeypatch):
         f"training.output_dir={tmp_path / 'ddp'}",
         "training.per_device_train_batch_size=2",
         "training.ddp_backend=gloo",
-    ]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
+    )
 
     one, two = _losses(tmp_path / "single"), _losses(tmp_path / "ddp")
     assert len(one) == len(two) == 2

@@ -11,15 +11,12 @@ projectors and load back into the shards exactly.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
-from test_ddp import _free_port
+from training_helpers import torchrun
 
 from mta.trainer import PROJECTORS_NAME
 
@@ -27,19 +24,7 @@ TESTS = Path(__file__).resolve().parent
 
 
 def _launch(processes: int, *args: str) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["OMP_NUM_THREADS"] = "1"
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={processes}",
-        f"--master_port={_free_port()}",
-        str(TESTS / "fsdp_worker.py"),
-        *args,
-    ]
-    done = subprocess.run(command, env=env, cwd=TESTS, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
+    torchrun(processes, str(TESTS / "fsdp_worker.py"), *args, cwd=TESTS)
 
 
 def test_fsdp2_sharded_gradients_and_state_dict_round_trip(tmp_path):

@@ -5,7 +5,11 @@ a tiny saved run for configs/tiny.yaml."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +120,24 @@ def write_tiny_run(root: Path, records=RECORDS, cross: bool = False) -> list[str
         f"data.units_cache={root / 'units.jsonl'}",
         f"training.output_dir={root / 'out'}",
     ]
+
+
+def torchrun(processes: int, *args: str, cwd: Path | None = None) -> None:
+    """Run ``python -m torch.distributed.run --nproc_per_node=<processes> <args>`` on CPU and
+    assert it succeeded. Workers get one OpenMP thread each and no Triton interpreter (CPU
+    tensors then take the eager MTA ops); the rendezvous port is a free local one."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["OMP_NUM_THREADS"] = "1"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={processes}",
+        f"--master_port={port}",
+        *args,
+    ]
+    done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
