@@ -17,7 +17,8 @@ set -u
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.." || exit 0
 PY=${PYTHON:-python3}
-export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# absolute: the torchrun workers of the FSDP test start in other folders
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 TOTAL_S=${MTA_GPU_CHECK_TOTAL_S:-450}
 TEST_S=${MTA_GPU_CHECK_TEST_S:-150}
 E2E_S=${MTA_GPU_CHECK_E2E_S:-90}

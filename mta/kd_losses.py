@@ -483,6 +483,14 @@ def _liger_refusal(kind: str, device: torch.device, biases: bool, explicit: bool
     return None
 
 
+@functools.cache
+def _liger_takes_accum_dtype() -> bool:
+    """Whether this Liger-Kernel's fused linear JSD has ``accum_dtype`` (newer releases)."""
+    from liger_kernel.transformers import LigerFusedLinearJSD
+
+    return "accum_dtype" in inspect.signature(LigerFusedLinearJSD).parameters
+
+
 def _liger_loss(
     kind: str,
     temperature: float,
@@ -500,7 +508,7 @@ def _liger_loss(
         hidden = hidden.to(weight.dtype)
         teacher_hidden = teacher_hidden.to(teacher_weight.dtype)
     options: dict[str, Any] = {"jsd_beta": LIGER_KINDS[kind], "temperature": temperature}
-    if "accum_dtype" in inspect.signature(LigerFusedLinearJSD).parameters:
+    if _liger_takes_accum_dtype():
         options["accum_dtype"] = torch.float32  # the weight gradient sums over chunks
     jsd = LigerFusedLinearJSD(**options)
     mean = jsd(hidden, weight, teacher_hidden, teacher_weight, None)

@@ -24,7 +24,7 @@ TESTS = Path(__file__).resolve().parent
 
 
 def _launch(processes: int, *args: str) -> None:
-    torchrun(processes, str(TESTS / "fsdp_worker.py"), *args, cwd=TESTS)
+    torchrun(processes, str(TESTS / "fsdp_worker.py"), *args)  # its folder is on its sys.path
 
 
 def test_fsdp2_sharded_gradients_and_state_dict_round_trip(tmp_path):

@@ -122,7 +122,7 @@ def write_tiny_run(root: Path, records=RECORDS, cross: bool = False) -> list[str
     ]
 
 
-def torchrun(processes: int, *args: str, cwd: Path | None = None) -> None:
+def torchrun(processes: int, *args: str) -> None:
     """Run ``python -m torch.distributed.run --nproc_per_node=<processes> <args>`` on CPU and
     assert it succeeded. Workers get one OpenMP thread each and no Triton interpreter (CPU
     tensors then take the eager MTA ops); the rendezvous port is a free local one."""
@@ -139,5 +139,5 @@ def torchrun(processes: int, *args: str, cwd: Path | None = None) -> None:
         f"--master_port={port}",
         *args,
     ]
-    done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
