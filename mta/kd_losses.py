@@ -372,7 +372,7 @@ def _fused_linear_chunks(
             teacher_weight.to(teacher_dtype),
             None if teacher_bias is None else teacher_bias.to(teacher_dtype),
         )
-    grad_hidden = torch.zeros_like(student_hidden) if needs_grad[0] else None
+    grad_hidden = torch.empty_like(student_hidden) if needs_grad[0] else None  # chunks cover it
     grad_weight = (
         torch.zeros(student_weight.shape, dtype=loss_dtype, device=device)
         if needs_grad[1]

@@ -35,6 +35,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -72,7 +73,8 @@ __all__ = [
 ]
 
 PROJECTORS_NAME = "mta_projectors.safetensors"
-FUSED_HEAD_MODES = ("auto", "on", "off")
+FusedHeadMode = Literal["auto", "on", "off"]
+FUSED_HEAD_MODES: tuple[str, ...] = typing.get_args(FusedHeadMode)
 
 logger = logging.get_logger(__name__)
 
@@ -104,7 +106,7 @@ class MTATrainingArguments(TrainingArguments):
     projector_weight_decay: float = field(
         default=0.0, metadata={"help": "Weight decay of the MTA projectors' parameter group."}
     )
-    fused_lm_head: Literal["auto", "on", "off"] = field(
+    fused_lm_head: FusedHeadMode = field(
         default="auto",
         metadata={
             "help": "Compute the base loss from the last hidden states and the LM heads chunk by "
