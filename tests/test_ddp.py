@@ -5,7 +5,8 @@ the logged losses and the trained weights (student and MTA projectors) must matc
 have different numbers of response tokens, so this checks the token-count normalisation across
 processes as well as the projectors' gradient all-reduce. Plain SGD makes the update linear in the
 gradient, so the only differences are float32 summation order (tolerance 1e-6 absolute on weights
-that move by > 1e-3, 1e-5 relative on losses).
+that move by > 1e-3, 1e-5 relative on losses). Run with the logits path and with the fused LM head
+(whose head weight gets its gradient from a custom Function, outside the head's own forward).
 """
 
 from __future__ import annotations
@@ -37,10 +38,12 @@ def _weights(output_dir) -> dict[str, torch.Tensor]:
     return {**weights, **{f"projector.{k}": v for k, v in projectors.items()}}
 
 
-def test_ddp_two_processes_match_one(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fused_lm_head", ["off", "on"])
+def test_ddp_two_processes_match_one(tmp_path, fused_lm_head):
     pytest.importorskip("spacy")  # units of the tiny dataset (the workers read them from cache)
     overrides = [
         *write_tiny_run(tmp_path, DDP_RECORDS),
+        f"training.fused_lm_head={fused_lm_head}",
         "training.optim=sgd",
         "training.learning_rate=0.5",
         "training.lr_scheduler_type=constant",
