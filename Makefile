@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-kernels demo lint bench-quick clean
+.PHONY: setup test test-kernels demo lint clean
 
 setup: $(STAMP)
 

@@ -13,6 +13,9 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
+    # Packages sit at the root: an explicit root package_dir gives editable installs a plain .pth
+    # path entry (setuptools' import-hook strategy warns about same-named folders otherwise).
+    package_dir={"": "."},
     packages=find_packages(include=["mta", "mta.*", "mta_kernels", "mta_kernels.*"]),
     install_requires=[
         "torch>=2.4",

@@ -26,6 +26,13 @@ kernel_common.POISON_OUTPUTS = True
 FUSED_DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # The benchmark tests check that each timed call runs and gives finite results; CPU timings
+    # say nothing about GPU speed, so their wide statistics table is off unless asked for.
+    if config.pluginmanager.hasplugin("benchmark") and not config.getoption("benchmark_enable"):
+        config.option.benchmark_disable = True
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if HAS_CUDA:
         return

@@ -7,9 +7,12 @@ tests/test_trainer.py the MTA ops take their eager reference on CPU (what a user
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import subprocess
+import sysconfig
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -33,9 +36,20 @@ def eager_mta_ops():
 
 
 def test_entry_points_answer_help():
-    for command in ("mta-distill", "mta-eval"):
-        out = subprocess.run([command, "--help"], capture_output=True, text=True, check=True)
-        assert "usage:" in out.stdout
+    """The installed console scripts, run from this interpreter's own scripts folder (never
+    found through PATH, which a fresh machine does not set up)."""
+    try:
+        dist = importlib.metadata.distribution("mta")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("mta is imported from the source tree, not installed (no console scripts)")
+    scripts = {e.name for e in dist.entry_points if e.group == "console_scripts"}
+    assert scripts == {"mta-distill", "mta-prepare", "mta-eval"}
+    folder = Path(sysconfig.get_path("scripts"))
+    for command in sorted(scripts):
+        path = folder / command
+        assert path.is_file(), f"{command} is declared but not installed in {folder}"
+        out = subprocess.run([str(path), "--help"], capture_output=True, text=True, check=True)
+        assert out.stdout.startswith(f"usage: {command}"), out.stdout[:200]
 
 
 def test_repository_configs_load():
