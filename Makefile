@@ -26,7 +26,8 @@ test: $(STAMP)
 test-kernels: $(STAMP)
 	$(PY) -m pytest -q tests/test_reference.py tests/test_validation.py \
 		tests/test_token_importance.py tests/test_span_pool.py tests/test_pairwise_distance.py \
-		tests/test_structural_loss.py tests/test_hidden_alignment.py tests/test_compile.py
+		tests/test_structural_loss.py tests/test_hidden_alignment.py tests/test_compile.py \
+		tests/test_nan_policy.py
 
 demo: $(STAMP)
 	$(VENV)/bin/mta-distill demo $(ARGS)

@@ -110,7 +110,13 @@ def variants() -> list[Variant]:
             "row_normalize.bwd",
             _common.row_normalize_bwd_kernel,
             dict(
-                x_ptr=F32, inv_norm_ptr=F32, grad_hat_ptr=F32, grad_x_ptr=F32, D="i32", eps="fp32"
+                x_ptr=F32,
+                inv_norm_ptr=F32,
+                grad_hat_ptr=F32,
+                valid_ptr=I32,
+                grad_x_ptr=F32,
+                D="i32",
+                eps="fp32",
             ),
         ),
     ):
@@ -268,6 +274,7 @@ def variants() -> list[Variant]:
                 s_ptr=F32,
                 t_ptr=BF16,
                 weight_ptr=F32,
+                keep_ptr=I32,
                 stats_ptr=F32,
                 partial_ptr=F32,
                 T="i32",
@@ -287,6 +294,7 @@ def variants() -> list[Variant]:
                 s_ptr=F32,
                 t_ptr=BF16,
                 weight_ptr=F32,
+                keep_ptr=I32,
                 stats_ptr=F32,
                 scale_ptr=F32,
                 grad_s_ptr=F32,

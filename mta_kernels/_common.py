@@ -160,27 +160,35 @@ def row_normalize_bwd_kernel(
     x_ptr,  # [R, D] forward input
     inv_norm_ptr,  # [R] fp32 saved by the forward
     grad_hat_ptr,  # [R, D] fp32 gradient w.r.t. the normalized rows
+    valid_ptr,  # [R] int32: rows that took part (the others get a zero gradient)
     grad_x_ptr,  # [R, D] gradient w.r.t. x (x's dtype)
     D,
     eps,
     BLOCK_D: tl.constexpr,
 ):
-    """``g_x = r (g − ⟨g, x̂⟩ x̂)``, ``r = 1/max(‖x‖, eps)``; ``r g`` where the clamp is active."""
+    """``g_x = r (g − ⟨g, x̂⟩ x̂)``, ``r = 1/max(‖x‖, eps)``; ``r g`` where the clamp is active.
+
+    Rows that are not valid are never read (their values, NaN included, cannot reach a gradient).
+    """
     row = tl.program_id(0).to(tl.int64)
-    inv_norm = tl.load(inv_norm_ptr + row)
+    row_valid = tl.load(valid_ptr + row) != 0
+    inv_norm = tl.where(row_valid, tl.load(inv_norm_ptr + row), 0.0)
+    read_width = tl.where(row_valid, D, 0)  # columns read: none for an invalid row
     acc = tl.zeros((BLOCK_D,), tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs = d0 + tl.arange(0, BLOCK_D)
-        x = tl.load(x_ptr + row * D + offs, mask=offs < D, other=0.0).to(tl.float32)
-        g = tl.load(grad_hat_ptr + row * D + offs, mask=offs < D, other=0.0)
+        loaded = offs < read_width
+        x = tl.load(x_ptr + row * D + offs, mask=loaded, other=0.0).to(tl.float32)
+        g = tl.load(grad_hat_ptr + row * D + offs, mask=loaded, other=0.0)
         acc += g * x
     # Below the clamp the norm is the constant eps: no projection term.
     unclamped = inv_norm < 1.0 / eps
     projection = tl.where(unclamped, tl.sum(acc, axis=0) * inv_norm * inv_norm, 0.0)
     for d0 in range(0, D, BLOCK_D):
         offs = d0 + tl.arange(0, BLOCK_D)
-        x = tl.load(x_ptr + row * D + offs, mask=offs < D, other=0.0).to(tl.float32)
-        g = tl.load(grad_hat_ptr + row * D + offs, mask=offs < D, other=0.0)
+        loaded = offs < read_width
+        x = tl.load(x_ptr + row * D + offs, mask=loaded, other=0.0).to(tl.float32)
+        g = tl.load(grad_hat_ptr + row * D + offs, mask=loaded, other=0.0)
         grad = inv_norm * (g - projection * x)
         tl.store(grad_x_ptr + row * D + offs, grad.to(grad_x_ptr.dtype.element_ty), mask=offs < D)
 
@@ -209,8 +217,9 @@ def _(x: Tensor) -> tuple[Tensor, Tensor]:
 
 @torch.library.custom_op("mta::row_normalize_backward", mutates_args=())
 @on_input_device
-def row_normalize_backward(x: Tensor, inv_norm: Tensor, grad_hat: Tensor) -> Tensor:
-    """Gradient w.r.t. ``x`` of :func:`row_normalize` given fp32 ``grad_hat``; x's dtype."""
+def row_normalize_backward(x: Tensor, inv_norm: Tensor, grad_hat: Tensor, valid: Tensor) -> Tensor:
+    """Gradient w.r.t. ``x`` of :func:`row_normalize` given fp32 ``grad_hat``; x's dtype. Rows
+    where the int32 ``valid`` [...] (``x``'s leading shape) is 0 get a zero gradient."""
     x = contiguous(x)
     rows, width = x.numel() // max(x.shape[-1], 1), x.shape[-1]
     grad_x = empty_output(*x.shape, dtype=x.dtype, device=x.device)
@@ -219,6 +228,7 @@ def row_normalize_backward(x: Tensor, inv_norm: Tensor, grad_hat: Tensor) -> Ten
             x,
             inv_norm,
             contiguous(grad_hat),
+            contiguous(valid),
             grad_x,
             width,
             NORM_EPS,
@@ -228,5 +238,5 @@ def row_normalize_backward(x: Tensor, inv_norm: Tensor, grad_hat: Tensor) -> Ten
 
 
 @row_normalize_backward.register_fake
-def _(x: Tensor, inv_norm: Tensor, grad_hat: Tensor) -> Tensor:
+def _(x: Tensor, inv_norm: Tensor, grad_hat: Tensor, valid: Tensor) -> Tensor:
     return torch.empty_like(x)

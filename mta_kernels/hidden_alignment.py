@@ -1,9 +1,11 @@
 """Hidden Representation Alignment loss (Eq. 13) on projected student states.
 
-Per example ``L = Σ_t a_t (1 − cos_t)`` with ``a_t = w_t c_t`` and
+Per example ``L = Σ_t a_t (1 − cos_t)`` with ``a_t = w_t [c_t ≠ 0]`` and
 ``cos_t = ⟨S_t, T_t⟩ / (max(‖S_t‖, ε) max(‖T_t‖, ε))``. The forward streams each token's two rows
 once and saves four fp32 numbers per token; the backward is one elementwise pass:
 ``gS_t = −g_b a_t (T_t/(ñ_S ñ_T) − cos_t S_t/ñ_S² [‖S_t‖ > ε])`` and symmetrically for ``T``.
+Rows and weights of tokens with ``c_t = 0`` are never loaded, so what they hold (NaN included)
+cannot reach the loss or a gradient.
 """
 
 import torch
@@ -27,7 +29,8 @@ from mta_kernels._validation import STD_EPS, check_hidden_alignment_args
 def _hidden_alignment_fwd_kernel(
     s_ptr,
     t_ptr,  # [B, T, D] student (projected) and teacher states
-    weight_ptr,  # [B, T] fp32 a_t = w_t c_t
+    weight_ptr,  # [B, T] token weights w_t
+    keep_ptr,  # [B, T] int32 c_t
     # [4, B·T] fp32: 1/(ñ_S ñ_T), cos/ñ_S² (0 if clamped), cos/ñ_T² (0 if clamped), 1 − cos
     stats_ptr,
     partial_ptr,  # [B, n_blocks] fp32 Σ_t a_t (1 − cos_t) over the block
@@ -42,12 +45,14 @@ def _hidden_alignment_fwd_kernel(
     pid, batch = tl.program_id(0), tl.program_id(1).to(tl.int64)
     offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
     rows = (batch * T + offs_t).to(tl.int64)
+    in_range = offs_t < T
+    keep = tl.load(keep_ptr + rows, mask=in_range, other=0) != 0
     dot = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
     sq_s = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
     sq_t = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask = (offs_t[:, None] < T) & (offs_d[None, :] < D)
+        mask = keep[:, None] & (offs_d[None, :] < D)
         s = tl.load(s_ptr + rows[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
         t = tl.load(t_ptr + rows[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
         s, t = s.to(tl.float32), t.to(tl.float32)
@@ -57,8 +62,7 @@ def _hidden_alignment_fwd_kernel(
     norm_s = tl.maximum(tl.sqrt(tl.sum(sq_s, axis=1)), eps)
     norm_t = tl.maximum(tl.sqrt(tl.sum(sq_t, axis=1)), eps)
     cosine = tl.sum(dot, axis=1) / (norm_s * norm_t)
-    in_range = offs_t < T
-    weight = tl.load(weight_ptr + rows, mask=in_range, other=0.0)
+    weight = tl.load(weight_ptr + rows, mask=keep, other=0.0).to(tl.float32)
     tl.store(stats_ptr + rows, 1.0 / (norm_s * norm_t), mask=in_range)
     tl.store(
         stats_ptr + n_rows + rows,
@@ -79,6 +83,7 @@ def _hidden_alignment_bwd_kernel(
     s_ptr,
     t_ptr,
     weight_ptr,
+    keep_ptr,
     stats_ptr,
     scale_ptr,  # [B] fp32 dL/dL_b
     grad_s_ptr,
@@ -96,11 +101,14 @@ def _hidden_alignment_bwd_kernel(
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     rows = (batch * T + offs_t).to(tl.int64)
     in_range = offs_t < T
+    keep = tl.load(keep_ptr + rows, mask=in_range, other=0) != 0
     mask = in_range[:, None] & (offs_d[None, :] < D)
-    coef = -tl.load(scale_ptr + batch) * tl.load(weight_ptr + rows, mask=in_range, other=0.0)
+    loaded = keep[:, None] & (offs_d[None, :] < D)
+    weight = tl.load(weight_ptr + rows, mask=keep, other=0.0).to(tl.float32)
+    coef = -tl.load(scale_ptr + batch) * weight
     cross = tl.load(stats_ptr + rows, mask=in_range, other=0.0)
-    s = tl.load(s_ptr + rows[:, None] * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
-    t = tl.load(t_ptr + rows[:, None] * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(s_ptr + rows[:, None] * D + offs_d[None, :], mask=loaded, other=0.0).to(tl.float32)
+    t = tl.load(t_ptr + rows[:, None] * D + offs_d[None, :], mask=loaded, other=0.0).to(tl.float32)
     if NEED_STUDENT:
         self_s = tl.load(stats_ptr + n_rows + rows, mask=in_range, other=0.0)
         grad_s = coef[:, None] * (t * cross[:, None] - s * self_s[:, None])
@@ -128,7 +136,7 @@ def _blocks(width: int) -> tuple[int, int]:
 @torch.library.custom_op("mta::hidden_alignment_forward", mutates_args=())
 @on_input_device
 def _hidden_alignment_forward(
-    student_hidden: Tensor, teacher_hidden: Tensor, weight: Tensor
+    student_hidden: Tensor, teacher_hidden: Tensor, weight: Tensor, keep: Tensor
 ) -> tuple[Tensor, Tensor]:
     """Launch the forward kernel: (per-example loss [B], per-token stats [4, B·T]), fp32."""
     batch, num_tokens, width = student_hidden.shape
@@ -144,6 +152,7 @@ def _hidden_alignment_forward(
             student_hidden,
             teacher_hidden,
             weight,
+            keep,
             stats,
             partial,
             num_tokens,
@@ -158,7 +167,7 @@ def _hidden_alignment_forward(
 
 
 @_hidden_alignment_forward.register_fake
-def _(student_hidden, teacher_hidden, weight):
+def _(student_hidden, teacher_hidden, weight, keep):
     batch, num_tokens, _ = student_hidden.shape
     return (
         student_hidden.new_empty(batch, dtype=torch.float32),
@@ -172,6 +181,7 @@ def _hidden_alignment_backward(
     student_hidden: Tensor,
     teacher_hidden: Tensor,
     weight: Tensor,
+    keep: Tensor,
     stats: Tensor,
     scale: Tensor,
     need_student: bool,
@@ -194,6 +204,7 @@ def _hidden_alignment_backward(
             student_hidden,
             teacher_hidden,
             weight,
+            keep,
             stats,
             contiguous(scale.float()),
             grad_student if need_student else student_hidden,
@@ -210,7 +221,7 @@ def _hidden_alignment_backward(
 
 
 @_hidden_alignment_backward.register_fake
-def _(student_hidden, teacher_hidden, weight, stats, scale, need_student, need_teacher):
+def _(student_hidden, teacher_hidden, weight, keep, stats, scale, need_student, need_teacher):
     return (
         torch.empty_like(student_hidden) if need_student else student_hidden.new_empty(0),
         torch.empty_like(teacher_hidden) if need_teacher else teacher_hidden.new_empty(0),
@@ -229,26 +240,32 @@ class HiddenAlignmentFunction(torch.autograd.Function):
         token_mask: Tensor,
     ) -> Tensor:
         student_hidden, teacher_hidden = contiguous(student_hidden), contiguous(teacher_hidden)
-        token_factor = contiguous(token_mask.to(torch.float32))
-        weight = contiguous(token_weights.float() * token_factor)
-        loss, stats = _hidden_alignment_forward(student_hidden, teacher_hidden, weight)
-        ctx.save_for_backward(student_hidden, teacher_hidden, weight, stats, token_factor)
-        ctx.weights_dtype = token_weights.dtype
+        weight = contiguous(token_weights)
+        keep = contiguous(token_mask.to(torch.int32))
+        loss, stats = _hidden_alignment_forward(student_hidden, teacher_hidden, weight, keep)
+        ctx.save_for_backward(student_hidden, teacher_hidden, weight, keep, stats)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
-        student_hidden, teacher_hidden, weight, stats, token_factor = ctx.saved_tensors
+        student_hidden, teacher_hidden, weight, keep, stats = ctx.saved_tensors
         need_student, need_teacher, need_weights = ctx.needs_input_grad[:3]
         grad_student, grad_teacher = _hidden_alignment_backward(
-            student_hidden, teacher_hidden, weight, stats, grad_loss, need_student, need_teacher
+            student_hidden,
+            teacher_hidden,
+            weight,
+            keep,
+            stats,
+            grad_loss,
+            need_student,
+            need_teacher,
         )
         grad_weights = None
         if need_weights:
-            one_minus_cos = stats[3].view_as(token_factor)
-            grad_weights = (grad_loss.float()[:, None] * token_factor * one_minus_cos).to(
-                ctx.weights_dtype
-            )
+            one_minus_cos = stats[3].view_as(keep)
+            grad_weights = torch.where(
+                keep != 0, grad_loss.float()[:, None] * one_minus_cos, 0.0
+            ).to(weight.dtype)
         return (
             grad_student if need_student else None,
             grad_teacher if need_teacher else None,

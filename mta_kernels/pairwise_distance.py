@@ -35,11 +35,35 @@ METRIC_IDS = {"cosine": 0, "euclidean": 1}
 
 
 @triton.jit
+def unit_valid(valid_ptr, offs, K):
+    """``v_k`` of one example's units ``offs``: in range and valid."""
+    return tl.load(valid_ptr + offs, mask=offs < K, other=0) != 0
+
+
+@triton.jit
+def pair_mask(v_i, v_j, offs_i, offs_j):
+    """``V_ij = v_i v_j [i ≠ j]``."""
+    return v_i[:, None] & v_j[None, :] & (offs_i[:, None] != offs_j[None, :])
+
+
+@triton.jit
+def load_rows(x_ptr, offs, valid, offs_d, D):
+    """Rows ``offs`` of one example's [K, D] matrix on the columns ``offs_d``, 0 for invalid
+    units: their values (NaN included) are never read."""
+    return tl.load(
+        x_ptr + offs[:, None] * D + offs_d[None, :],
+        mask=valid[:, None] & (offs_d[None, :] < D),
+        other=0.0,
+    )
+
+
+@triton.jit
 def gram_tile(
     x_ptr,
     offs_i,
     offs_j,
-    K,
+    v_i,
+    v_j,
     D,
     BLOCK_I: tl.constexpr,
     BLOCK_J: tl.constexpr,
@@ -50,16 +74,8 @@ def gram_tile(
     acc = tl.zeros((BLOCK_I, BLOCK_J), tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
-        a = tl.load(
-            x_ptr + offs_i[:, None] * D + offs_d[None, :],
-            mask=(offs_i[:, None] < K) & (offs_d[None, :] < D),
-            other=0.0,
-        )
-        b = tl.load(
-            x_ptr + offs_j[:, None] * D + offs_d[None, :],
-            mask=(offs_j[:, None] < K) & (offs_d[None, :] < D),
-            other=0.0,
-        )
+        a = load_rows(x_ptr, offs_i, v_i, offs_d, D)
+        b = load_rows(x_ptr, offs_j, v_j, offs_d, D)
         acc += tl.dot(a, tl.trans(b), input_precision=PRECISION)
     return acc
 
@@ -69,7 +85,8 @@ def euclidean_tile(
     x_ptr,
     offs_i,
     offs_j,
-    K,
+    v_i,
+    v_j,
     D,
     BLOCK_I: tl.constexpr,
     BLOCK_J: tl.constexpr,
@@ -79,16 +96,8 @@ def euclidean_tile(
     acc = tl.zeros((BLOCK_I, BLOCK_J), tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
-        a = tl.load(
-            x_ptr + offs_i[:, None] * D + offs_d[None, :],
-            mask=(offs_i[:, None] < K) & (offs_d[None, :] < D),
-            other=0.0,
-        ).to(tl.float32)
-        b = tl.load(
-            x_ptr + offs_j[:, None] * D + offs_d[None, :],
-            mask=(offs_j[:, None] < K) & (offs_d[None, :] < D),
-            other=0.0,
-        ).to(tl.float32)
+        a = load_rows(x_ptr, offs_i, v_i, offs_d, D).to(tl.float32)
+        b = load_rows(x_ptr, offs_j, v_j, offs_d, D).to(tl.float32)
         diff = a[:, None, :] - b[None, :, :]
         acc += tl.sum(diff * diff, axis=2)
     return tl.sqrt(acc)
@@ -99,7 +108,8 @@ def pair_tile(
     x_ptr,
     offs_i,
     offs_j,
-    K,
+    v_i,
+    v_j,
     D,
     METRIC: tl.constexpr,
     BLOCK_I: tl.constexpr,
@@ -107,11 +117,12 @@ def pair_tile(
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Gram tile of normalized rows (cosine) or distance tile (euclidean)."""
+    """Gram tile of normalized rows (cosine) or distance tile (euclidean); rows of invalid
+    units read as 0."""
     if METRIC == 0:
-        tile = gram_tile(x_ptr, offs_i, offs_j, K, D, BLOCK_I, BLOCK_J, BLOCK_D, PRECISION)
+        tile = gram_tile(x_ptr, offs_i, offs_j, v_i, v_j, D, BLOCK_I, BLOCK_J, BLOCK_D, PRECISION)
     else:
-        tile = euclidean_tile(x_ptr, offs_i, offs_j, K, D, BLOCK_I, BLOCK_J, BLOCK_D)
+        tile = euclidean_tile(x_ptr, offs_i, offs_j, v_i, v_j, D, BLOCK_I, BLOCK_J, BLOCK_D)
     return tile
 
 
@@ -121,27 +132,20 @@ def pair_update(
     coef,  # [BLOCK_I, BLOCK_J] fp32 coefficients C_ij
     offs_i,
     offs_j,
+    v_i,
+    v_j,
     offs_d,
-    K,
     D,
     METRIC: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """One d-chunk of ``Σ_j C_ij X_j`` (cosine) or ``Σ_j C_ij (X_i − X_j)`` (euclidean, from
     exact differences): [BLOCK_I, BLOCK_D] fp32."""
-    x_j = tl.load(
-        x_ptr + offs_j[:, None] * D + offs_d[None, :],
-        mask=(offs_j[:, None] < K) & (offs_d[None, :] < D),
-        other=0.0,
-    )
+    x_j = load_rows(x_ptr, offs_j, v_j, offs_d, D)
     if METRIC == 0:
         update = tl.dot(coef.to(x_j.dtype), x_j, input_precision=PRECISION)
     else:
-        x_i = tl.load(
-            x_ptr + offs_i[:, None] * D + offs_d[None, :],
-            mask=(offs_i[:, None] < K) & (offs_d[None, :] < D),
-            other=0.0,
-        ).to(tl.float32)
+        x_i = load_rows(x_ptr, offs_i, v_i, offs_d, D).to(tl.float32)
         diff = x_i[:, None, :] - x_j.to(tl.float32)[None, :, :]
         update = tl.sum(coef[:, :, None] * diff, axis=1)
     return update
@@ -154,6 +158,8 @@ def accumulate_rows(
     coef,
     offs_i,
     offs_j,
+    v_i,
+    v_j,
     K,
     D,
     METRIC: tl.constexpr,
@@ -167,7 +173,7 @@ def accumulate_rows(
     """
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
-        update = pair_update(x_ptr, coef, offs_i, offs_j, offs_d, K, D, METRIC, PRECISION)
+        update = pair_update(x_ptr, coef, offs_i, offs_j, v_i, v_j, offs_d, D, METRIC, PRECISION)
         rows_i = offs_i[:, None] * D + offs_d[None, :]
         mask_i = (offs_i[:, None] < K) & (offs_d[None, :] < D)
         # The previous column block stored these rows, maybe from other threads (the load and
@@ -175,14 +181,6 @@ def accumulate_rows(
         tl.debug_barrier()
         grad = tl.load(grad_ptr + rows_i, mask=mask_i, other=0.0)
         tl.store(grad_ptr + rows_i, grad + update, mask=mask_i)
-
-
-@triton.jit
-def pair_mask(valid_ptr, offs_i, offs_j, K):
-    """``V_ij = v_i v_j [i ≠ j]`` for in-range rows and columns."""
-    v_i = tl.load(valid_ptr + offs_i, mask=offs_i < K, other=0) != 0
-    v_j = tl.load(valid_ptr + offs_j, mask=offs_j < K, other=0) != 0
-    return v_i[:, None] & v_j[None, :] & (offs_i[:, None] != offs_j[None, :])
 
 
 @triton.jit
@@ -203,13 +201,24 @@ def _distance_fwd_kernel(
     pid, batch = tl.program_id(0), tl.program_id(1).to(tl.int64)
     offs_i = (pid // n_j) * BLOCK_I + tl.arange(0, BLOCK_I)
     offs_j = (pid % n_j) * BLOCK_J + tl.arange(0, BLOCK_J)
+    v_i = unit_valid(valid_ptr + batch * K, offs_i, K)
+    v_j = unit_valid(valid_ptr + batch * K, offs_j, K)
     tile = pair_tile(
-        x_ptr + batch * K * D, offs_i, offs_j, K, D, METRIC, BLOCK_I, BLOCK_J, BLOCK_D, PRECISION
+        x_ptr + batch * K * D,
+        offs_i,
+        offs_j,
+        v_i,
+        v_j,
+        D,
+        METRIC,
+        BLOCK_I,
+        BLOCK_J,
+        BLOCK_D,
+        PRECISION,
     )
     if METRIC == 0:
         tile = 1.0 - tile
-    valid = pair_mask(valid_ptr + batch * K, offs_i, offs_j, K)
-    tile = tl.where(valid, tile, 0.0)
+    tile = tl.where(pair_mask(v_i, v_j, offs_i, offs_j), tile, 0.0)
     tl.store(
         out_ptr + batch * K * K + offs_i[:, None] * K + offs_j[None, :],
         tile,
@@ -244,11 +253,13 @@ def _distance_bwd_kernel(
     offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     square = batch * K * K
+    v_i = unit_valid(valid_ptr + batch * K, offs_i, K)
     acc = tl.zeros((BLOCK_I, BLOCK_D), tl.float32)
     for j0 in range(0, K, BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J)
         in_range = (offs_i[:, None] < K) & (offs_j[None, :] < K)
-        valid = pair_mask(valid_ptr + batch * K, offs_i, offs_j, K)
+        v_j = unit_valid(valid_ptr + batch * K, offs_j, K)
+        valid = pair_mask(v_i, v_j, offs_i, offs_j)
         g = tl.load(
             grad_out_ptr + square + offs_i[:, None] * K + offs_j[None, :], mask=in_range, other=0.0
         ).to(tl.float32)
@@ -270,7 +281,7 @@ def _distance_bwd_kernel(
                 0.0,
             )
         acc += pair_update(
-            x_ptr + batch * K * D, coef, offs_i, offs_j, offs_d, K, D, METRIC, PRECISION
+            x_ptr + batch * K * D, coef, offs_i, offs_j, v_i, v_j, offs_d, D, METRIC, PRECISION
         )
     tl.store(
         grad_x_ptr + batch * K * D + offs_i[:, None] * D + offs_d[None, :],
@@ -406,7 +417,7 @@ class PairwiseDistanceFunction(torch.autograd.Function):
         inv_mean = torch.ones(units.shape[0], dtype=torch.float32, device=units.device)
         if metric == "euclidean":
             mean = partial.sum(-1) / n_pairs.clamp_min(1.0)
-            inv_mean = torch.where(mean > 0, 1.0 / mean, inv_mean)
+            inv_mean = torch.where(mean != 0, 1.0 / mean, inv_mean)
             out = out * inv_mean.view(-1, 1, 1)
         ctx.metric = metric
         ctx.save_for_backward(units, rows, inv_norm, valid, out, inv_mean, n_pairs)
@@ -422,7 +433,7 @@ class PairwiseDistanceFunction(torch.autograd.Function):
             coupling = (grad_out.float() * dist).sum((1, 2)) / n_pairs.clamp_min(1.0)
         grad_rows = _distance_backward(rows, valid, grad_out, dist, inv_mean, coupling, ctx.metric)
         if ctx.metric == "cosine":
-            return row_normalize_backward(units, inv_norm, grad_rows), None, None
+            return row_normalize_backward(units, inv_norm, grad_rows, valid), None, None
         return grad_rows.to(units.dtype), None, None
 
 

@@ -5,6 +5,11 @@ Each function is written straight from the equations of DESIGN §2, favouring cl
 dtype, compute in float32 (or float64 when given float64, which the gradient checks use) and are
 what the Triton kernels, ``torch.compile`` and the benchmarks are compared against.
 
+NaN policy (shared with the kernels): inputs at masked-out positions (padding, tokens outside
+every valid span, invalid units, ``token_mask = 0``) are replaced by 0 with ``torch.where`` before
+any arithmetic, so whatever they hold (NaN, inf) changes neither the outputs nor the gradients,
+which are 0 there. A NaN at a valid position reaches every output that depends on it.
+
 Shapes: ``B`` batch, ``T`` tokens, ``K`` units (spans), ``d`` hidden width.
 """
 
@@ -60,6 +65,12 @@ def span_membership(spans: Tensor, span_mask: Tensor, num_tokens: int) -> Tensor
     return (positions >= starts) & (positions < ends) & span_mask.bool().unsqueeze(-1)
 
 
+def _zero_outside(x: Tensor, keep: Tensor) -> Tensor:
+    """``x`` with 0 where ``keep`` [B, T] (or [B, K]) is False, broadcast over trailing dims."""
+    keep = keep.reshape(*keep.shape, *([1] * (x.dim() - keep.dim())))
+    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def token_importance(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     """Teacher token importance ``w`` (Eq. 5–7): [B, T] float32, no grad.
 
@@ -70,18 +81,19 @@ def token_importance(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     check_token_importance_args(hidden, attention_mask)
     dtype = _compute_dtype(hidden)
     with torch.no_grad():
-        h = hidden.to(dtype)
-        num_tokens, width = h.shape[1], h.shape[2]
         mask = attention_mask.bool()
+        h = _zero_outside(hidden.to(dtype), mask)
+        num_tokens, width = h.shape[1], h.shape[2]
         h_hat = h / (h.std(dim=-1, keepdim=True) + STD_EPS)
         scores = h_hat @ h_hat.transpose(1, 2) / math.sqrt(width)
         eye = torch.eye(num_tokens, dtype=torch.bool, device=h.device)
-        invalid = eye.unsqueeze(0) | ~mask.unsqueeze(1)
-        scores = scores.masked_fill(invalid, float("-inf"))
-        alpha = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no valid column -> 0
-        alpha = alpha * mask.unsqueeze(-1).to(dtype)
+        keep = ~eye.unsqueeze(0) & mask.unsqueeze(1)
+        scores = scores.masked_fill(~keep, float("-inf"))
+        # Padding rows and rows without a valid column contribute 0 (their softmax is undefined).
+        has_column = keep.any(dim=-1) & mask
+        alpha = _zero_outside(torch.softmax(scores, dim=-1), has_column)
         n_valid = mask.sum(dim=-1, keepdim=True).to(dtype).clamp_min(1.0)
-        return alpha.sum(dim=1) / n_valid * mask.to(dtype)
+        return _zero_outside(alpha.sum(dim=1) / n_valid, mask)
 
 
 def span_pool(
@@ -94,10 +106,12 @@ def span_pool(
     """
     check_span_pool_args(hidden, spans, span_mask, token_weights)
     dtype = _compute_dtype(hidden, *([token_weights] if token_weights is not None else []))
-    h = hidden.to(dtype)
-    member = span_membership(spans, span_mask, h.shape[1]).to(dtype)
+    member = span_membership(spans, span_mask, hidden.shape[1])
+    covered = member.any(dim=1)
+    h = _zero_outside(hidden.to(dtype), covered)
+    member = member.to(dtype)
     if token_weights is not None:
-        member = member * token_weights.to(dtype).unsqueeze(1)
+        member = member * _zero_outside(token_weights.to(dtype), covered).unsqueeze(1)
     total = member.sum(dim=-1, keepdim=True)
     return (member @ h) / total.clamp_min(DENOM_EPS)
 
@@ -109,16 +123,17 @@ def span_weights(token_weights: Tensor, spans: Tensor, span_mask: Tensor) -> Ten
     """
     check_span_weights_args(token_weights, spans, span_mask)
     dtype = _compute_dtype(token_weights)
-    member = span_membership(spans, span_mask, token_weights.shape[1]).to(dtype)
-    raw = (member * token_weights.to(dtype).unsqueeze(1)).sum(dim=-1)
-    return raw / raw.sum(dim=-1, keepdim=True).clamp_min(DENOM_EPS)
+    member = span_membership(spans, span_mask, token_weights.shape[1])
+    weights = _zero_outside(token_weights.to(dtype), member.any(dim=1))
+    raw = (member.to(dtype) * weights.unsqueeze(1)).sum(dim=-1)
+    return _zero_outside(raw / raw.sum(dim=-1, keepdim=True).clamp_min(DENOM_EPS), span_mask)
 
 
 def _euclidean_norms(diff: Tensor) -> Tensor:
     """``‖diff‖`` over the last dim with a zero (not NaN) gradient where ``diff == 0``."""
     squared = diff.pow(2).sum(dim=-1)
-    positive = squared > 0
-    return torch.where(positive, squared.where(positive, torch.ones_like(squared)).sqrt(), 0.0)
+    zero = squared == 0  # not `squared > 0`, which would turn a NaN distance into 0
+    return torch.where(zero, 0.0, squared.where(~zero, torch.ones_like(squared)).sqrt())
 
 
 def pairwise_distance(
@@ -132,22 +147,22 @@ def pairwise_distance(
     """
     check_pairwise_distance_args(units, span_mask, metric)
     dtype = _compute_dtype(units)
-    u = units.to(dtype)
-    batch, num_units = u.shape[0], u.shape[1]
+    batch, num_units = units.shape[0], units.shape[1]
     if span_mask is None:
-        span_mask = torch.ones(batch, num_units, dtype=torch.bool, device=u.device)
+        span_mask = torch.ones(batch, num_units, dtype=torch.bool, device=units.device)
     valid = span_mask.bool()
+    u = _zero_outside(units.to(dtype), valid)
     eye = torch.eye(num_units, dtype=torch.bool, device=u.device)
-    pair_mask = (valid.unsqueeze(2) & valid.unsqueeze(1) & ~eye).to(dtype)
+    pair_mask = valid.unsqueeze(2) & valid.unsqueeze(1) & ~eye
     if metric == "cosine":
         u_hat = u / u.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
-        distance = 1.0 - u_hat @ u_hat.transpose(1, 2)
+        distance = _zero_outside(1.0 - u_hat @ u_hat.transpose(1, 2), pair_mask)
     else:
-        distance = _euclidean_norms(u.unsqueeze(2) - u.unsqueeze(1))
-        n_pairs = pair_mask.sum(dim=(1, 2), keepdim=True)
-        mean = (distance * pair_mask).sum(dim=(1, 2), keepdim=True) / n_pairs.clamp_min(1.0)
-        distance = distance / mean.where(mean > 0, torch.ones_like(mean))
-    return distance * pair_mask
+        distance = _zero_outside(_euclidean_norms(u.unsqueeze(2) - u.unsqueeze(1)), pair_mask)
+        n_pairs = pair_mask.sum(dim=(1, 2), keepdim=True).to(dtype)
+        mean = distance.sum(dim=(1, 2), keepdim=True) / n_pairs.clamp_min(1.0)
+        distance = _zero_outside(distance / mean.where(mean != 0, torch.ones_like(mean)), pair_mask)
+    return distance
 
 
 def structural_loss(
@@ -169,7 +184,7 @@ def structural_loss(
     dtype = _compute_dtype(student_units, teacher_units, span_weights)
     d_student = pairwise_distance(student_units.to(dtype), span_mask, metric)
     d_teacher = pairwise_distance(teacher_units.to(dtype), span_mask, metric)
-    p = span_weights.to(dtype) * span_mask.to(dtype)
+    p = _zero_outside(span_weights.to(dtype), span_mask.bool())
     pair_weight = p.unsqueeze(2) * p.unsqueeze(1)
     per_example = (pair_weight * (d_student - d_teacher).pow(2)).sum(dim=(1, 2))
     return reduce_loss(per_example, reduction)
@@ -185,18 +200,19 @@ def hidden_alignment_loss(
     """Hidden Representation Alignment loss for one layer pair (Eq. 13), float32.
 
     Per example ``L = Σ_t w_t c_t (1 − cos(H̃^S_t, H^T_t))`` on already projected student states,
-    ``cos(x, y) = ⟨x, y⟩ / (max(‖x‖, 1e-8) max(‖y‖, 1e-8))``, ``c_t = token_mask``.
+    ``cos(x, y) = ⟨x, y⟩ / (max(‖x‖, 1e-8) max(‖y‖, 1e-8))``, ``c_t = [token_mask ≠ 0]``.
     """
     check_hidden_alignment_args(
         student_hidden, teacher_hidden, token_weights, token_mask, reduction
     )
     dtype = _compute_dtype(student_hidden, teacher_hidden, token_weights)
-    s = student_hidden.to(dtype)
-    t = teacher_hidden.to(dtype)
+    keep = token_mask.bool()
+    s = _zero_outside(student_hidden.to(dtype), keep)
+    t = _zero_outside(teacher_hidden.to(dtype), keep)
     dot = (s * t).sum(dim=-1)
     s_norm = s.norm(dim=-1).clamp_min(STD_EPS)
     t_norm = t.norm(dim=-1).clamp_min(STD_EPS)
     cosine = dot / (s_norm * t_norm)
-    weight = token_weights.to(dtype) * token_mask.to(dtype)
+    weight = _zero_outside(token_weights.to(dtype), keep)
     per_example = (weight * (1.0 - cosine)).sum(dim=-1)
     return reduce_loss(per_example, reduction)

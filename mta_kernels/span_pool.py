@@ -116,6 +116,7 @@ def _span_gather_kernel(
     k_lo = tl.load(k_lo_ptr + pid_t)
     k_hi = tl.load(k_hi_ptr + pid_t)
     acc = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
+    covered = offs_t < 0  # tokens inside some valid span
     for j in range(k_lo, k_hi):
         span = batch * K + tl.load(order_ptr + batch * K + j)
         start = tl.load(sorted_starts_ptr + batch * K + j)
@@ -125,8 +126,12 @@ def _span_gather_kernel(
             g = g * tl.load(scale_ptr + span)
         member = (offs_t >= start) & (offs_t < end)
         acc += tl.where(member[:, None], g[None, :], 0.0)
+        covered = covered | member
     rows = (batch * T + offs_t).to(tl.int64)
-    tile_mask = (offs_t[:, None] < T) & (offs_d[None, :] < D)
+    covered = covered & (offs_t < T)
+    # Values and weights of tokens outside every span are never read: whatever they hold (NaN
+    # included) cannot reach a gradient, which is 0 there.
+    tile_mask = covered[:, None] & (offs_d[None, :] < D)
     if WITH_DOT:
         h = tl.load(h_ptr + rows[:, None] * D + offs_d[None, :], mask=tile_mask, other=0.0).to(
             tl.float32
@@ -136,7 +141,8 @@ def _span_gather_kernel(
         )
     if WRITE_OUT:
         if HAS_WEIGHTS:
-            acc = acc * tl.load(w_ptr + rows, mask=offs_t < T, other=0.0).to(tl.float32)[:, None]
+            acc = acc * tl.load(w_ptr + rows, mask=covered, other=0.0).to(tl.float32)[:, None]
+        tile_mask = (offs_t[:, None] < T) & (offs_d[None, :] < D)
         tl.store(
             out_ptr + rows[:, None] * D + offs_d[None, :],
             acc.to(out_ptr.dtype.element_ty),
@@ -391,7 +397,8 @@ class SpanWeightsFunction(torch.autograd.Function):
         raw, _ = _span_sum(weights.unsqueeze(-1), index.starts, index.ends, None, False)
         raw = raw.squeeze(-1)
         total = raw.sum(-1, keepdim=True)
-        probs = raw / total.clamp_min(DENOM_EPS)
+        # Invalid spans get 0 even when a NaN weight makes the total NaN.
+        probs = torch.where(span_mask.bool(), raw / total.clamp_min(DENOM_EPS), 0.0)
         ctx.save_for_backward(total, probs, *index)
         ctx.weights_dtype = weights.dtype
         ctx.num_tokens = weights.shape[1]

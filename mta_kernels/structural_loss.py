@@ -36,6 +36,7 @@ from mta_kernels.pairwise_distance import (
     pair_mask,
     pair_tile,
     tile_sizes,
+    unit_valid,
     valid_pair_count,
 )
 
@@ -51,6 +52,8 @@ def _error_tile(
     batch,
     offs_i,
     offs_j,
+    v_i,
+    v_j,
     K,
     D_S,
     D_T,
@@ -66,7 +69,8 @@ def _error_tile(
         student_ptr + batch * K * D_S,
         offs_i,
         offs_j,
-        K,
+        v_i,
+        v_j,
         D_S,
         METRIC,
         BLOCK_I,
@@ -78,7 +82,8 @@ def _error_tile(
         teacher_ptr + batch * K * D_T,
         offs_i,
         offs_j,
-        K,
+        v_i,
+        v_j,
         D_T,
         METRIC,
         BLOCK_I,
@@ -99,7 +104,7 @@ def _error_tile(
 def _structural_fwd_kernel(
     student_ptr,
     teacher_ptr,  # [B, K, D_S], [B, K, D_T]: normalized (cosine) or raw (euclidean)
-    weight_ptr,  # [B, K] fp32 span weights p, zero on invalid spans
+    weight_ptr,  # [B, K] span weights p (read only where valid)
     valid_ptr,  # [B, K] int32
     tile_pairs_ptr,  # [n_pairs, 2] int32 (i-block, j-block) with i-block <= j-block
     inv_mean_ptr,  # [B, 2] fp32 (1/μ_S, 1/μ_T), euclidean loss stage
@@ -122,6 +127,8 @@ def _structural_fwd_kernel(
     block_j = tl.load(tile_pairs_ptr + 2 * pid + 1)
     offs_i = block_i * BLOCK_I + tl.arange(0, BLOCK_I)
     offs_j = block_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    v_i = unit_valid(valid_ptr + batch * K, offs_i, K)
+    v_j = unit_valid(valid_ptr + batch * K, offs_j, K)
     error, student, teacher = _error_tile(
         student_ptr,
         teacher_ptr,
@@ -129,6 +136,8 @@ def _structural_fwd_kernel(
         batch,
         offs_i,
         offs_j,
+        v_i,
+        v_j,
         K,
         D_S,
         D_T,
@@ -139,7 +148,7 @@ def _structural_fwd_kernel(
         BLOCK_D_T,
         PRECISION,
     )
-    valid = pair_mask(valid_ptr + batch * K, offs_i, offs_j, K)
+    valid = pair_mask(v_i, v_j, offs_i, offs_j)
     symmetry = tl.where(block_i == block_j, 1.0, 2.0)
     out = partial_ptr + (batch * tl.num_programs(0) + pid) * 3
     if STAGE == 0:
@@ -147,8 +156,8 @@ def _structural_fwd_kernel(
         tl.store(out + 1, symmetry * tl.sum(tl.sum(tl.where(valid, teacher, 0.0), axis=1), axis=0))
         tl.store(out + 2, 0.0)
     else:
-        p_i = tl.load(weight_ptr + batch * K + offs_i, mask=offs_i < K, other=0.0)
-        p_j = tl.load(weight_ptr + batch * K + offs_j, mask=offs_j < K, other=0.0)
+        p_i = tl.load(weight_ptr + batch * K + offs_i, mask=v_i, other=0.0).to(tl.float32)
+        p_j = tl.load(weight_ptr + batch * K + offs_j, mask=v_j, other=0.0).to(tl.float32)
         weighted_error = tl.where(valid, p_i[:, None] * p_j[None, :] * error, 0.0)
         tl.store(out, symmetry * tl.sum(tl.sum(weighted_error * error, axis=1), axis=0))
         if METRIC == 1:
@@ -241,10 +250,12 @@ def _structural_bwd_kernel(
     partial = split.to(tl.int64) * tl.num_programs(2) + batch  # index of this [B, ...] slice
     offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     scale = tl.load(scale_ptr + batch)
-    p_i = tl.load(weight_ptr + batch * K + offs_i, mask=offs_i < K, other=0.0)
+    v_i = unit_valid(valid_ptr + batch * K, offs_i, K)
+    p_i = tl.load(weight_ptr + batch * K + offs_i, mask=v_i, other=0.0).to(tl.float32)
     grad_p = tl.zeros((BLOCK_I,), tl.float32)
     for j0 in range(split * BLOCK_J, K, n_split * BLOCK_J):
         offs_j = j0 + tl.arange(0, BLOCK_J)
+        v_j = unit_valid(valid_ptr + batch * K, offs_j, K)
         error, student, teacher = _error_tile(
             student_ptr,
             teacher_ptr,
@@ -252,6 +263,8 @@ def _structural_bwd_kernel(
             batch,
             offs_i,
             offs_j,
+            v_i,
+            v_j,
             K,
             D_S,
             D_T,
@@ -262,8 +275,8 @@ def _structural_bwd_kernel(
             BLOCK_D_T,
             PRECISION,
         )
-        valid = pair_mask(valid_ptr + batch * K, offs_i, offs_j, K)
-        p_j = tl.load(weight_ptr + batch * K + offs_j, mask=offs_j < K, other=0.0)
+        valid = pair_mask(v_i, v_j, offs_i, offs_j)
+        p_j = tl.load(weight_ptr + batch * K + offs_j, mask=v_j, other=0.0).to(tl.float32)
         if NEED_WEIGHTS:
             grad_p += (
                 2.0 * scale * tl.sum(tl.where(valid, p_j[None, :] * error * error, 0.0), axis=1)
@@ -279,6 +292,8 @@ def _structural_bwd_kernel(
                 coef,
                 offs_i,
                 offs_j,
+                v_i,
+                v_j,
                 K,
                 D_S,
                 METRIC,
@@ -295,6 +310,8 @@ def _structural_bwd_kernel(
                 coef,
                 offs_i,
                 offs_j,
+                v_i,
+                v_j,
                 K,
                 D_T,
                 METRIC,
@@ -381,7 +398,7 @@ def _structural_forward(
 
     if metric == "euclidean":
         means = launch(_STAGE_MEANS)[:, :2] / pair_count
-        inv_mean = torch.where(means > 0, 1.0 / means, inv_mean).contiguous()
+        inv_mean = torch.where(means != 0, 1.0 / means, inv_mean).contiguous()
     sums = launch(_STAGE_LOSS)
     return sums[:, 0].contiguous(), inv_mean, (sums[:, 1:] / pair_count).contiguous()
 
@@ -492,14 +509,13 @@ class StructuralLossFunction(torch.autograd.Function):
     ) -> Tensor:
         student_units, teacher_units = contiguous(student_units), contiguous(teacher_units)
         valid = contiguous(span_mask.to(torch.int32))
-        weights = contiguous(span_weights.float() * valid)
+        weights = contiguous(span_weights)
         student_rows, student_inv_norm = metric_rows(student_units, metric)
         teacher_rows, teacher_inv_norm = metric_rows(teacher_units, metric)
         loss, inv_mean, coupling = _structural_forward(
             student_rows, teacher_rows, weights, valid, valid_pair_count(valid), metric
         )
         ctx.metric = metric
-        ctx.weights_dtype = span_weights.dtype
         ctx.save_for_backward(
             student_units,
             teacher_units,
@@ -547,13 +563,13 @@ class StructuralLossFunction(torch.autograd.Function):
 
         def finish(grad: Tensor, units: Tensor, inv_norm: Tensor) -> Tensor:
             if ctx.metric == "cosine":
-                return row_normalize_backward(units, inv_norm, grad)
+                return row_normalize_backward(units, inv_norm, grad, valid)
             return grad.to(units.dtype)
 
         return (
             finish(grad_student, student_units, student_inv_norm) if need_student else None,
             finish(grad_teacher, teacher_units, teacher_inv_norm) if need_teacher else None,
-            grad_weights.to(ctx.weights_dtype) if need_weights else None,
+            grad_weights.to(weights.dtype) if need_weights else None,
             None,
             None,
         )

@@ -141,7 +141,8 @@ def _row_stats_kernel(
         row_max = new_max
     count = tl.load(count_ptr + batch)
     row_valid = tl.load(mask_ptr + batch * T + offs_m, mask=offs_m < T, other=0) != 0
-    has_mass = row_valid & (row_sum > 0)
+    # A row has no valid column iff its sum is exactly 0; `!= 0` (not `> 0`) lets a NaN through.
+    has_mass = row_valid & (row_sum != 0)
     factor = tl.where(has_mass, 1.0 / tl.where(has_mass, row_sum * count, 1.0), 0.0)
     safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
     tl.store(row_max_ptr + batch * T + offs_m, safe_max, mask=offs_m < T)
@@ -188,7 +189,7 @@ def _column_sum_kernel(
         row_max = tl.load(row_max_ptr + batch * T + offs_m, mask=offs_m < T, other=0.0)
         factor = tl.load(row_factor_ptr + batch * T + offs_m, mask=offs_m < T, other=0.0)
         weighted = tl.exp(scores - row_max[:, None]) * factor[:, None]
-        acc += tl.sum(tl.where(factor[:, None] > 0, weighted, 0.0), axis=0)
+        acc += tl.sum(tl.where(factor[:, None] != 0, weighted, 0.0), axis=0)
     col_valid = tl.load(mask_ptr + batch * T + offs_n, mask=offs_n < T, other=0) != 0
     tl.store(out_ptr + batch * T + offs_n, tl.where(col_valid, acc, 0.0), mask=offs_n < T)
 
