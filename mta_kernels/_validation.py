@@ -60,12 +60,28 @@ def check_float(name: str, t: Tensor, ndim: int) -> None:
 
 
 def check_mask(name: str, t: Tensor, shape: tuple[int, ...]) -> None:
+    """A token mask (``attention_mask``, ``token_mask``): bool or integer, nonzero = valid, as
+    Hugging Face's integer attention masks."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in MASK_DTYPES:
         raise TypeError(f"{name} must be a bool or integer 0/1 tensor, got {t.dtype}")
     if tuple(t.shape) != shape:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+
+
+def check_span_mask(t: Tensor, shape: tuple[int, ...]) -> None:
+    """The validity of units: a bool tensor, as the collator makes it (an integer mask could hold
+    values other than 0 and 1, which no op can interpret)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"span_mask must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.bool:
+        raise TypeError(
+            f"span_mask must be a bool tensor (True marks a valid unit), got {t.dtype}; "
+            "convert a 0/1 mask with span_mask.bool()"
+        )
+    if tuple(t.shape) != shape:
+        raise ValueError(f"span_mask must have shape {shape}, got {tuple(t.shape)}")
 
 
 def check_shape(name: str, t: Tensor, shape: tuple[int, ...]) -> None:
@@ -75,6 +91,9 @@ def check_shape(name: str, t: Tensor, shape: tuple[int, ...]) -> None:
 
 def check_same_device(**tensors: Tensor | None) -> None:
     present = {name: t for name, t in tensors.items() if t is not None}
+    for name, t in present.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     devices = {t.device for t in present.values()}
     if len(devices) > 1:
         where = ", ".join(f"{name} on {t.device}" for name, t in present.items())
@@ -96,7 +115,7 @@ def check_spans(spans: Tensor, span_mask: Tensor, batch: int, num_tokens: int) -
         )
     if spans.dim() != 3 or spans.shape[0] != batch or spans.shape[2] != 2:
         raise ValueError(f"spans must have shape [B={batch}, K, 2], got {tuple(spans.shape)}")
-    check_mask("span_mask", span_mask, (batch, spans.shape[1]))
+    check_span_mask(span_mask, (batch, spans.shape[1]))
     if spans.numel() == 0 or torch.compiler.is_compiling() or not _SPAN_RANGE_CHECKS.get():
         return  # compiled graphs skip the value check; the kernels clamp ranges into [0, T]
     valid = span_mask.bool()
@@ -147,7 +166,7 @@ def check_span_weights_args(token_weights: Tensor, spans: Tensor, span_mask: Ten
 def check_pairwise_distance_args(units: Tensor, span_mask: Tensor | None, metric: str) -> None:
     check_float("units", units, 3)
     if span_mask is not None:
-        check_mask("span_mask", span_mask, tuple(units.shape[:2]))
+        check_span_mask(span_mask, tuple(units.shape[:2]))
     check_same_device(units=units, span_mask=span_mask)
     check_choice("metric", metric, METRICS)
 
@@ -170,7 +189,7 @@ def check_structural_loss_args(
     batch_units = tuple(student_units.shape[:2])
     check_float("span_weights", span_weights, 2)
     check_shape("span_weights", span_weights, batch_units)
-    check_mask("span_mask", span_mask, batch_units)
+    check_span_mask(span_mask, batch_units)
     check_same_device(
         student_units=student_units,
         teacher_units=teacher_units,
@@ -190,11 +209,19 @@ def check_hidden_alignment_args(
 ) -> None:
     check_float("student_hidden", student_hidden, 3)
     check_float("teacher_hidden", teacher_hidden, 3)
-    if student_hidden.shape != teacher_hidden.shape:
+    shapes = f"student_hidden {tuple(student_hidden.shape)}, teacher_hidden " + str(
+        tuple(teacher_hidden.shape)
+    )
+    if student_hidden.shape[:2] != teacher_hidden.shape[:2]:
         raise ValueError(
-            "student_hidden must be projected to the teacher's shape [B, T, d_T] before the "
-            f"hidden alignment loss, got student_hidden {tuple(student_hidden.shape)} and "
-            f"teacher_hidden {tuple(teacher_hidden.shape)}"
+            "student_hidden and teacher_hidden must hold the same tokens, one row per token of "
+            f"the same batch: their [B, T] differ ({shapes})"
+        )
+    if student_hidden.shape[2] != teacher_hidden.shape[2]:
+        raise ValueError(
+            "student_hidden must be projected to the teacher's width d_T before the hidden "
+            f"alignment loss (e.g. by MTALoss's projectors), got widths {student_hidden.shape[2]} "
+            f"and {teacher_hidden.shape[2]} ({shapes})"
         )
     batch, num_tokens = student_hidden.shape[0], student_hidden.shape[1]
     check_token_weights(token_weights, batch, num_tokens)

@@ -290,7 +290,7 @@ def hidden_alignment_loss(
         student_hidden: [B, T, d_T] student states already projected to the teacher's width.
         teacher_hidden: [B, T, d_T] teacher states.
         token_weights: [B, T] float ``w`` (teacher token importance).
-        token_mask: [B, T] bool/int ``c`` (valid tokens covered by a valid span).
+        token_mask: [B, T] bool/int ``c``, nonzero for valid tokens covered by a valid span.
         reduction: ``"mean"`` over examples, ``"sum"``, or ``"none"`` for a [B] tensor.
 
     Example::

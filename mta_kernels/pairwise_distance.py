@@ -449,7 +449,7 @@ def pairwise_distance(
 
     Args:
         units: [B, K, d] fp32/bf16/fp16.
-        span_mask: optional [B, K] bool/int validity of the units.
+        span_mask: optional [B, K] bool validity of the units.
         metric: ``"cosine"`` or ``"euclidean"``.
 
     Example::

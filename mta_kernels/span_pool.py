@@ -398,7 +398,7 @@ class SpanWeightsFunction(torch.autograd.Function):
         raw = raw.squeeze(-1)
         total = raw.sum(-1, keepdim=True)
         # Invalid spans get 0 even when a NaN weight makes the total NaN.
-        probs = torch.where(span_mask.bool(), raw / total.clamp_min(DENOM_EPS), 0.0)
+        probs = torch.where(span_mask, raw / total.clamp_min(DENOM_EPS), 0.0)
         ctx.save_for_backward(total, probs, *index)
         ctx.weights_dtype = weights.dtype
         ctx.num_tokens = weights.shape[1]
@@ -429,7 +429,7 @@ def span_pool(
     Args:
         hidden: [B, T, d] fp32/bf16/fp16, any strides.
         spans: [B, K, 2] int64/int32 half-open token ranges ``[start, end)`` within ``[0, T]``.
-        span_mask: [B, K] bool/int, False for padding spans (their ranges are ignored).
+        span_mask: [B, K] bool, False for padding spans (their ranges are ignored).
         token_weights: optional [B, T] float weights (the teacher's token importance).
 
     Differentiable w.r.t. ``hidden`` and ``token_weights``; the backward is deterministic.

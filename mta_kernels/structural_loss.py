@@ -593,7 +593,7 @@ def structural_loss(
         student_units: [B, K, d_S] fp32/bf16/fp16 pooled student units.
         teacher_units: [B, K, d_T] pooled teacher units (``d_T`` may differ from ``d_S``).
         span_weights: [B, K] float ``p`` (Eq. 9).
-        span_mask: [B, K] bool/int unit validity.
+        span_mask: [B, K] bool unit validity.
         metric: ``"cosine"`` or ``"euclidean"``.
         reduction: ``"mean"`` over examples, ``"sum"``, or ``"none"`` for a [B] tensor.
 
