@@ -19,6 +19,11 @@ Measured (rows of the CSV, ``metric`` column):
   ``collate_unit_spans_1tok`` / ``_2tok``: median ms of :func:`mta.spans.collate_unit_spans` from
   character units and padded ``[B, T, 2]`` offset mappings, one tokenizer / two (student and
   teacher). Batches are consecutive groups of 8 examples, timed round-robin, ``--reps`` calls.
+* ``prepare_n1`` / ``prepare_n2``: examples/s of ``mta-prepare``'s parse path
+  (:meth:`mta.prepare.UnitCache.units` into a fresh cache file, entries written as they are
+  parsed) with ``n_process`` 1 / 2, on ``--prepare-examples`` passages, median over
+  ``--repeats`` runs; with 2 processes each run includes starting the workers and loading the
+  pipeline in each (as every ``mta-prepare --n-process 2`` does), with 1 the pipeline is loaded.
 * ``load_average``: 1-minute load average of the host when the run started (context for a
   shared machine).
 
@@ -36,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import itertools
 import os
 import platform
@@ -285,6 +291,38 @@ def _cache_rows(
     ]
 
 
+def _prepare_rows(texts: Sequence[str], name: str, repeats: int) -> list[dict[str, object]]:
+    """``prepare_n<k>``: examples/s of a fresh cache filled with ``n_process=k``."""
+
+    def fill(folder: Path, run: Iterator[int], n_process: int) -> None:
+        cache = UnitCache(folder / f"units{next(run)}.jsonl", name, n_process=n_process)
+        cache.units(texts)
+        if cache.stats.parsed != len(set(texts)):
+            raise RuntimeError("a fresh cache did not parse every text")
+
+    rows = []
+    for n_process in (1, 2):
+        with tempfile.TemporaryDirectory() as tmp:
+            harness.log(f"bench_spans: mta-prepare path, n_process={n_process} x {repeats}")
+            rate, spread = _throughput(
+                len(texts),
+                functools.partial(fill, Path(tmp), itertools.count(), n_process),
+                repeats,
+            )
+        rows.append(
+            _row(
+                f"prepare_n{n_process}",
+                rate,
+                "examples/s",
+                len(texts),
+                f"UnitCache.units into a fresh file, n_process={n_process}, batch_size=64"
+                f"{', workers started and pipeline loaded in each run' if n_process > 1 else ''}"
+                f"; {spread}",
+            )
+        )
+    return rows
+
+
 def _collate_rows(
     texts: Sequence[str], units: Sequence[TextUnits], corpus: Sequence[str], reps: int
 ) -> list[dict[str, object]]:
@@ -344,7 +382,9 @@ def _collate_rows(
     return rows
 
 
-def measure(n_examples: int, repeats: int, reps: int) -> list[dict[str, object]]:
+def measure(
+    n_examples: int, repeats: int, reps: int, prepare_examples: int
+) -> list[dict[str, object]]:
     """Run every measurement; rows with the ``metric, value, unit, examples, detail`` fields."""
     load = os.getloadavg()[0]
     name = default_pipeline_name()
@@ -358,6 +398,7 @@ def measure(n_examples: int, repeats: int, reps: int) -> list[dict[str, object]]
         rows
         + extract
         + _cache_rows(texts, units, name, repeats)
+        + _prepare_rows(select_examples(corpus, prepare_examples), name, repeats)
         + _collate_rows(texts, units, corpus, reps)
     )
 
@@ -408,6 +449,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="runs of the throughput measurements")
     p.add_argument("--reps", type=int, default=200, help="timed calls of the collation functions")
     p.add_argument(
+        "--prepare-examples", type=int, default=400, help="passages of the mta-prepare rows"
+    )
+    p.add_argument(
         "--markdown",
         type=Path,
         metavar="CSV",
@@ -417,11 +461,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.markdown is not None:
         print(markdown_table(args.markdown), end="")
         return 0
-    for name in ("examples", "repeats", "reps"):
+    for name in ("examples", "repeats", "reps", "prepare_examples"):
         if getattr(args, name) < 1:
-            p.error(f"--{name} must be a positive int")
+            p.error(f"--{name.replace('_', '-')} must be a positive int")
     start = time.perf_counter()
-    rows = measure(args.examples, args.repeats, args.reps)
+    rows = measure(args.examples, args.repeats, args.reps, args.prepare_examples)
     write_csv(args.out, rows)
     harness.log(f"bench_spans: {time.perf_counter() - start:.1f} s -> {args.out}")
     print(markdown_table(args.out), end="")

@@ -5,6 +5,7 @@ Usage::
     mta-distill --config run.yaml [section.key=value ...]   # e.g. training.learning_rate=1e-4
     mta-distill --config run.yaml --print-config            # resolved config, then exit
     mta-distill demo [--quick] [--output-dir DIR] [--cache-dir DIR]
+    mta-distill demo --table results.json                   # an earlier run's comparison
 
 The same command runs on several processes under ``torchrun --nproc_per_node N`` or
 ``accelerate launch`` (DDP through ``transformers``/``accelerate``; FSDP and DeepSpeed through the
@@ -15,7 +16,6 @@ after the arguments are parsed, so ``--help`` answers at once.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,13 +24,15 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from mta.config import RunConfig, load_config
+from mta.errors import DEBUG_HELP, UserError, run_command
+from mta.model_sources import ModelSource
+from mta.preflight import CheckedRun, check_run
+from mta.progress import hub_progress_bars
 
 if TYPE_CHECKING:
     from mta.trainer import MTATrainer
 
-__all__ = ["build_trainer", "main", "run"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["build_trainer", "main", "run", "train"]
 
 CONFIG_NAME = "mta_config.yaml"
 
@@ -39,7 +41,9 @@ def _train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mta-distill",
         description="Distill a teacher LLM into a student with a base KD loss plus MTA. "
-        "Subcommand: `mta-distill demo [--quick]` runs the embedded demo.",
+        "Subcommand: `mta-distill demo [--quick]` runs the embedded demo. A mistake in the "
+        "config, the data or the models' locations is reported in one line (exit status 2) "
+        "before any model loads.",
     )
     parser.add_argument("--config", required=True, help="YAML run configuration")
     parser.add_argument(
@@ -51,6 +55,7 @@ def _train_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config and exit"
     )
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     return parser
 
 
@@ -66,6 +71,13 @@ def _demo_parser() -> argparse.ArgumentParser:
         "--cache-dir", default=None, help="teacher and units cache (default ~/.cache/mta)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--table",
+        metavar="RESULTS_JSON",
+        help="print the comparison of an earlier run's results.json as Markdown (with its "
+        "commit, date and machine) and exit",
+    )
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     return parser
 
 
@@ -77,67 +89,88 @@ def _dtype(name: str) -> Any:
 
 
 def build_trainer(config: RunConfig) -> MTATrainer:
-    """Load tokenizers, models and data of ``config`` and build the :class:`MTATrainer`."""
+    """Check ``config`` (:func:`mta.preflight.check_run`: every check that needs no model), then
+    load the tokenizers, the data and the models and build the :class:`MTATrainer`.
+
+    Raises:
+        UserError: a mistake found before any model loads, naming its key, file or line.
+    """
+    return _build(check_run(config))
+
+
+def _build(checked: CheckedRun) -> MTATrainer:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mta.data import DistillationCollator, build_dataset, pad_token_id
-    from mta.layers import plan_layers
+    from mta.data import DistillationCollator, DistillationDataset, load_units, pad_token_id
     from mta.loss import MTALoss
-    from mta.trainer import MTATrainer, MTATrainingArguments, same_tokenizer
+    from mta.trainer import MTATrainer, same_tokenizer
 
-    if "output_dir" not in config.training:
-        raise ValueError("config key 'training.output_dir' is required (where the student goes)")
-    args = MTATrainingArguments(**config.training)
+    config, args = checked.config, checked.args
     m, d = config.model, config.data
     remote = {"trust_remote_code": m.trust_remote_code}
-    student_tokenizer = AutoTokenizer.from_pretrained(m.student_tokenizer or m.student, **remote)
-    teacher_tokenizer = AutoTokenizer.from_pretrained(m.teacher_tokenizer or m.teacher, **remote)
-    cross = not same_tokenizer(student_tokenizer, teacher_tokenizer)
-    use_mta = config.mta.enabled and (config.mta.lambda_dsa > 0 or config.mta.lambda_hra > 0)
 
-    def dataset(path: str, limit: int | None):
-        return build_dataset(
-            path,
-            student_tokenizer,
-            fmt=d.format,
-            template=d.template,
-            max_length=d.max_length,
-            max_samples=limit,
-            teacher_tokenizer=teacher_tokenizer if cross else None,
-            with_units=use_mta,
-            units_cache=d.units_cache,
-            nlp=d.spacy_model,
-            write_cache=args.process_index == 0,
+    def load(loader: Any, source: ModelSource, **kwargs: Any) -> Any:
+        return loader.from_pretrained(
+            source.name, local_files_only=source.local_files_only, **remote, **kwargs
         )
+
+    student_tokenizer = load(AutoTokenizer, checked.student_tokenizer)
+    teacher_tokenizer = load(AutoTokenizer, checked.teacher_tokenizer)
+    cross = not same_tokenizer(student_tokenizer, teacher_tokenizer)
+    if cross and args.base_loss != "ce":
+        raise UserError(
+            f"training.base_loss={args.base_loss} compares the two models' logits, but the "
+            "teacher's and the student's tokenizers differ, so their vocabularies do not match: "
+            "set training.base_loss=ce (MTA's units still align across tokenizers) or give both "
+            "models the same tokenizer"
+        )
+
+    def dataset(key: str, path: str, examples: list) -> DistillationDataset:
+        try:
+            units = (
+                load_units(
+                    examples,
+                    d.units_cache,
+                    d.spacy_model,
+                    write_cache=args.process_index == 0,
+                    progress=args.process_index == 0,
+                )
+                if checked.use_mta
+                else None
+            )
+            return DistillationDataset(
+                examples,
+                student_tokenizer,
+                d.max_length,
+                teacher_tokenizer=teacher_tokenizer if cross else None,
+                units=units,
+            )
+        except (ImportError, TypeError, ValueError) as err:
+            raise UserError(f"{key} {path!r}: {err}") from None
 
     with args.main_process_first(desc="tokenize and map units"):
-        train_dataset = dataset(d.train_file, d.max_train_samples)
-        eval_dataset = dataset(d.eval_file, d.max_eval_samples) if d.eval_file else None
+        train_dataset = dataset("data.train_file", d.train_file, checked.train_examples)
+        eval_dataset = (
+            dataset("data.eval_file", d.eval_file, checked.eval_examples)
+            if checked.eval_examples is not None
+            else None
+        )
 
-    model_kwargs = {**remote}
+    model_kwargs = {}
     if m.attn_implementation is not None:
         model_kwargs["attn_implementation"] = m.attn_implementation
-    teacher = AutoModelForCausalLM.from_pretrained(
-        m.teacher, dtype=_dtype(m.teacher_dtype), **model_kwargs
+    teacher = load(
+        AutoModelForCausalLM, checked.teacher, dtype=_dtype(m.teacher_dtype), **model_kwargs
     )
-    student = AutoModelForCausalLM.from_pretrained(
-        m.student, dtype=_dtype(m.student_dtype), **model_kwargs
+    student = load(
+        AutoModelForCausalLM, checked.student, dtype=_dtype(m.student_dtype), **model_kwargs
     )
     mta_loss = None
-    if use_mta:
-        s_cfg, t_cfg = student.config.get_text_config(), teacher.config.get_text_config()
-        pairs = plan_layers(
-            s_cfg.num_hidden_layers,
-            t_cfg.num_hidden_layers,
-            config.mta.num_key_layers,
-            config.mta.num_word_layers,
-            config.mta.stride,
-            pairs=config.mta.layer_pairs,
-        )
+    if checked.layer_pairs is not None:
         mta_loss = MTALoss(
-            s_cfg.hidden_size,
-            t_cfg.hidden_size,
-            pairs,
+            checked.student_dims[1],
+            checked.teacher_dims[1],
+            checked.layer_pairs,
             lambda_dsa=config.mta.lambda_dsa,
             lambda_hra=config.mta.lambda_hra,
             metric=config.mta.metric,
@@ -160,13 +193,9 @@ def build_trainer(config: RunConfig) -> MTATrainer:
     )
 
 
-def run(config: RunConfig) -> MTATrainer:
+def train(trainer: MTATrainer, config: RunConfig) -> MTATrainer:
     """Train as configured; the student (plain HF model), its projectors and the resolved config
     end up in ``training.output_dir``."""
-    from transformers import set_seed
-
-    set_seed(int(config.training.get("seed", 42)))
-    trainer = build_trainer(config)
     trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
     trainer.save_model()
     if trainer.args.should_save:
@@ -175,29 +204,73 @@ def run(config: RunConfig) -> MTATrainer:
     return trainer
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``mta-distill``; returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "demo":
-        opts = _demo_parser().parse_args(argv[1:])
-        from mta.demo import run_demo
+def _seed(config: RunConfig) -> None:
+    from transformers import set_seed
 
-        run_demo(
-            quick=opts.quick, output_dir=opts.output_dir, cache_dir=opts.cache_dir, seed=opts.seed
-        )
-        return 0
-    opts = _train_parser().parse_args(argv)
-    try:
-        config = load_config(opts.config, opts.overrides)
-    except (FileNotFoundError, TypeError, ValueError) as err:
-        print(f"mta-distill: error: {err}", file=sys.stderr)
-        return 2
+    set_seed(int(config.training.get("seed", 42)))
+
+
+def run(config: RunConfig) -> MTATrainer:
+    """Check, build and train (:func:`build_trainer`, then :func:`train`)."""
+    _seed(config)
+    return train(build_trainer(config), config)
+
+
+def _distill(opts: argparse.Namespace) -> int:
+    config = load_config(opts.config, opts.overrides)
     if opts.print_config:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
-    run(config)
-    _close_process_group()
+    _seed(config)
+    try:
+        # The trainer lives only inside this call: freed while every process of a distributed
+        # run is still there (its DDP state can wait on the peers when destroyed).
+        _build_and_train(config)
+    finally:
+        _close_process_group()
     return 0
+
+
+def _build_and_train(config: RunConfig) -> None:
+    try:
+        trainer = build_trainer(config)
+    except UserError:
+        raise
+    except (ImportError, OSError, TypeError, ValueError) as err:
+        # raised while loading the tokenizers or models, or by the trainer's own checks of the
+        # combination asked for (e.g. a fused LM head the models cannot take)
+        raise UserError(str(err)) from err
+    with hub_progress_bars(enabled=not trainer.args.disable_tqdm):
+        train(trainer, config)
+
+
+def _demo(opts: argparse.Namespace) -> int:
+    from mta.demo import results_markdown, run_demo
+
+    if opts.table is not None:
+        try:
+            print(results_markdown(opts.table))
+        except (OSError, ValueError, KeyError) as err:
+            raise UserError(f"--table {opts.table!r}: not a demo results.json ({err!r})") from None
+        return 0
+    try:
+        run_demo(
+            quick=opts.quick, output_dir=opts.output_dir, cache_dir=opts.cache_dir, seed=opts.seed
+        )
+    except ImportError as err:  # spaCy missing: the message says what to install
+        raise UserError(str(err)) from err
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``mta-distill``; returns the exit status (2 for a user error, see
+    :mod:`mta.errors`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "demo":
+        opts = _demo_parser().parse_args(argv[1:])
+        return run_command("mta-distill demo", lambda: _demo(opts), debug=opts.debug)
+    opts = _train_parser().parse_args(argv)
+    return run_command("mta-distill", lambda: _distill(opts), debug=opts.debug)
 
 
 def _close_process_group() -> None:

@@ -12,32 +12,88 @@ Every key is checked against the dataclass field it sets: an unknown key is an e
 closest valid key, a wrong type is an error naming the expected type. ``"5e-4"`` (which PyYAML
 reads as a string) is accepted for a float field. Overrides use dotted paths with YAML values:
 ``training.learning_rate=1e-4 mta.layer_pairs='[[6,24,word]]' data.eval_file=null``.
+
+YAML 1.1 reads ``yes``/``no``/``on``/``off`` (and ``true``/``false``) as booleans, which would make
+``training.save_strategy=no`` a ``False``. The loader keeps such a scalar as the word typed
+(:class:`BoolWord`): a key whose type is a string (or a choice of strings) takes the word, a
+boolean key takes its truth value. A value ``REPLACE_ME`` marks a key a template leaves to the
+command line (:func:`placeholder_keys`). Every error is a :class:`mta.errors.UserError` naming
+the key, or the file and line.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import enum
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from mta.errors import UserError
+
 __all__ = [
+    "PLACEHOLDER",
+    "BoolWord",
     "DataConfig",
     "MTAConfig",
     "ModelConfig",
     "RunConfig",
     "apply_overrides",
     "load_config",
+    "placeholder_keys",
 ]
 
 Granularity = Literal["word", "phrase"]
+
+#: The value a template gives a key the user must set (``configs/tiny.yaml``).
+PLACEHOLDER = "REPLACE_ME"
+
+
+class BoolWord(str):
+    """A scalar YAML 1.1 reads as a boolean (``yes``, ``No``, ``on``, ``false``, ...), kept as
+    the word the user typed; :attr:`truth` is the boolean YAML means by it."""
+
+    @property
+    def truth(self) -> bool:
+        return self.lower() in ("yes", "true", "on")
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, with booleans kept as :class:`BoolWord`."""
+
+
+_Loader.add_constructor(
+    "tag:yaml.org,2002:bool", lambda loader, node: BoolWord(loader.construct_scalar(node))
+)
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    """``text`` parsed as YAML; a syntax error names ``where`` with the line and column."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        position = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise UserError(f"{where}{position}: not valid YAML: {problem}") from None
+
+
+def _plain_bools(value: Any) -> Any:
+    """``value`` with every :class:`BoolWord` turned into its boolean (for untyped values)."""
+    if isinstance(value, BoolWord):
+        return value.truth
+    if isinstance(value, Mapping):
+        return {k: _plain_bools(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain_bools(v) for v in value]
+    return value
 
 
 @dataclass
@@ -125,36 +181,41 @@ def _type_name(annotation: Any) -> str:
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Check ``value`` against ``annotation``; return it (str→float, list→tuple converted).
+    """Check ``value`` against ``annotation``; return it (str→float, list→tuple converted, a
+    :class:`BoolWord` to the word for string types and to its truth value otherwise).
 
     Raises:
-        TypeError/ValueError naming ``key`` and the expected type.
+        UserError naming ``key`` and the expected type.
     """
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
-    wrong = TypeError(
-        f"config key {key!r} expects {_type_name(annotation)}, got {type(value).__name__} {value!r}"
+    shown = value.truth if isinstance(value, BoolWord) else value
+    wrong = UserError(
+        f"config key {key!r} expects {_type_name(annotation)}, got {type(shown).__name__} "
+        f"{value if isinstance(value, BoolWord) else repr(value)}"
     )
     if annotation is Any or annotation is object:
-        return value
+        return _plain_bools(value)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         options = [a for a in args if a is not type(None)]
+        if isinstance(value, BoolWord) and bool in options:
+            return value.truth  # the word means the boolean where a boolean is allowed
         if len(options) == 1:  # Optional[X]: X's own, more precise error
             return _coerce(value, options[0], key)
         for option in options:
             try:
                 return _coerce(value, option, key)
-            except (TypeError, ValueError):
+            except UserError:
                 continue
         raise wrong
     if origin is Literal:
-        if isinstance(value, bool) and {"on", "off"} <= set(args):
-            return "on" if value else "off"  # YAML 1.1 reads unquoted on/off as booleans
+        if isinstance(value, BoolWord) and not any(isinstance(a, bool) for a in args):
+            value = str(value)
         if value in args:
             return value
-        raise ValueError(f"config key {key!r} must be one of {list(args)}, got {value!r}")
+        raise UserError(f"config key {key!r} must be one of {list(args)}, got {value!r}")
     if origin in (list, Sequence, tuple):
         if not isinstance(value, (list, tuple)):
             raise wrong
@@ -162,7 +223,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             if len(args) == 2 and args[1] is Ellipsis:
                 return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
             if args and len(value) != len(args):
-                raise ValueError(
+                raise UserError(
                     f"config key {key!r} expects {len(args)} items ({_type_name(annotation)}), "
                     f"got {len(value)}: {value!r}"
                 )
@@ -175,8 +236,10 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if origin is dict or annotation is dict:
         if not isinstance(value, Mapping):
             raise wrong
-        return dict(value)
+        return _plain_bools(dict(value))
     if annotation is bool:
+        if isinstance(value, BoolWord):
+            return value.truth
         if isinstance(value, bool):
             return value
         raise wrong
@@ -195,24 +258,26 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         raise wrong
     if annotation is str:
         if isinstance(value, str):
-            return value
+            return str(value)
         raise wrong
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         choices = [member.value for member in annotation]
-        if isinstance(value, annotation) or value in choices:
+        if isinstance(value, annotation):
             return value
-        raise ValueError(f"config key {key!r} must be one of {choices}, got {value!r}")
+        if isinstance(value, str) and value in choices:
+            return str(value)
+        raise UserError(f"config key {key!r} must be one of {choices}, got {value!r}")
     if isinstance(annotation, type) and not isinstance(value, annotation):
         raise wrong
     return value
 
 
-def _unknown_key(key: str, valid: Sequence[str], prefix: str, listing: str = "") -> ValueError:
+def _unknown_key(key: str, valid: Sequence[str], prefix: str, listing: str = "") -> UserError:
     where = f"{prefix}.{key}" if prefix else key
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f" Did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
     listing = listing or ", ".join(sorted(valid))
-    return ValueError(
+    return UserError(
         f"unknown config key {where!r}.{hint} Valid keys{' in ' + repr(prefix) if prefix else ''}: "
         f"{listing}."
     )
@@ -223,7 +288,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
-        raise TypeError(
+        raise UserError(
             f"config section {prefix or '<root>'!r} must be a mapping, got {type(raw).__name__}"
         )
     hints = typing.get_type_hints(cls)
@@ -249,7 +314,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     ]
     if missing:
         where = ", ".join(repr(f"{prefix}.{m}" if prefix else m) for m in missing)
-        raise ValueError(f"config is missing required key(s) {where}")
+        raise UserError(f"config is missing required key(s) {where}")
     return cls(**kwargs)
 
 
@@ -262,7 +327,7 @@ def check_training_arguments(raw: Any, prefix: str = "training") -> dict[str, An
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
-        raise TypeError(f"config section {prefix!r} must be a mapping, got {type(raw).__name__}")
+        raise UserError(f"config section {prefix!r} must be a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(MTATrainingArguments)
     names = [f.name for f in dataclasses.fields(MTATrainingArguments) if f.init]
     checked = {}
@@ -288,7 +353,7 @@ def _set_path(raw: dict[str, Any], path: str, value: Any) -> None:
         if child is None:
             child = node[part] = {}
         elif not isinstance(child, dict):
-            raise ValueError(f"override {path!r}: {part!r} is a value, not a section")
+            raise UserError(f"override {path!r}: {part!r} is a value, not a section")
         node = child
     node[parts[-1]] = value
 
@@ -296,40 +361,54 @@ def _set_path(raw: dict[str, Any], path: str, value: Any) -> None:
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` strings to a raw config mapping (a copy is returned).
 
-    Values are parsed as YAML (``3`` → int, ``true`` → bool, ``null`` → None, ``[1, 2]`` → list);
-    the type check happens when the result is built into a :class:`RunConfig`.
+    Values are parsed as YAML (``3`` → int, ``true`` → a :class:`BoolWord`, ``null`` → None,
+    ``[1, 2]`` → list); text that is not valid YAML stays a string. The type check happens when
+    the result is built into a :class:`RunConfig`.
     """
-    raw = yaml.safe_load(yaml.safe_dump(raw)) or {}
+    raw = copy.deepcopy(dict(raw))
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key or any(not part for part in key.split(".")):
-            raise ValueError(
+            raise UserError(
                 f"override {item!r} must look like 'section.key=value', "
                 "e.g. training.learning_rate=1e-4"
             )
         try:
-            value = yaml.safe_load(text)
+            value = yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader
         except yaml.YAMLError:
             value = text
         _set_path(raw, key, value)
     return raw
 
 
+def _walk(raw: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(raw, Mapping):
+        for key, value in raw.items():
+            yield from _walk(value, f"{prefix}.{key}" if prefix else str(key))
+    else:
+        yield prefix, raw
+
+
+def placeholder_keys(config: RunConfig) -> list[str]:
+    """The keys of ``config`` still holding :data:`PLACEHOLDER`."""
+    return [key for key, value in _walk(config.to_dict()) if value == PLACEHOLDER]
+
+
 def load_config(source: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()) -> RunConfig:
     """Read a YAML file (or take a mapping), apply overrides, check every key and type.
 
     Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError/TypeError: unknown key, missing required key, wrong type (message names the key).
+        UserError: the file does not exist or is not valid YAML (file:line:column), an unknown or
+            missing key, a wrong type (the message names the key).
     """
     if isinstance(source, Mapping):
         raw = dict(source)
     else:
         path = Path(source)
         if not path.is_file():
-            raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            raise UserError(f"config file {str(path)!r} does not exist")
+        raw = _parse_yaml(path.read_text(encoding="utf-8"), str(path)) or {}
         if not isinstance(raw, dict):
-            raise TypeError(f"config file {str(path)!r} must hold a YAML mapping at the top level")
+            raise UserError(f"config file {str(path)!r} must hold a YAML mapping at the top level")
     return _build(RunConfig, apply_overrides(raw, overrides), "")

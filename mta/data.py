@@ -25,7 +25,6 @@ tokenizer, and the unit keys of the cross-module contract (``{g}_student_spans``
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from mta.jsonl import read_records
 from mta.prepare import UnitCache
 from mta.spans import (
     GRANULARITIES,
@@ -58,6 +58,7 @@ __all__ = [
     "format_record",
     "load_units",
     "pad_token_id",
+    "read_examples",
     "read_jsonl",
 ]
 
@@ -125,22 +126,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         FileNotFoundError: no such file.
         ValueError: a line is not a JSON object (the message gives the line number).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
-    records = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record)}")
-            records.append(record)
-    return records
+    return [record for _, record in read_records(path)]
 
 
 def _field(record: Mapping[str, Any], names: Sequence[str], where: str, required: bool) -> str:
@@ -148,7 +134,9 @@ def _field(record: Mapping[str, Any], names: Sequence[str], where: str, required
         value = record.get(name)
         if value is not None:
             if not isinstance(value, str):
-                raise TypeError(f"{where}: field {name!r} must be a string, got {type(value)}")
+                raise TypeError(
+                    f"{where}: field {name!r} must be a string, got {type(value).__name__}"
+                )
             return value
     if required:
         raise ValueError(f"{where}: missing field {' / '.join(repr(n) for n in names)}")
@@ -326,9 +314,12 @@ class DistillationDataset(Dataset):
                 len(examples),
                 max_length,
             )
+        if not examples:
+            raise ValueError("there are no examples (the data holds no records)")
         if not self.items:
             raise ValueError(
-                f"no example has a response token within max_length={max_length}: raise max_length"
+                f"none of the {len(examples)} examples has a response token within "
+                f"max_length={max_length}: every prompt fills it; raise max_length"
             )
 
     def __len__(self) -> int:
@@ -400,9 +391,11 @@ def load_units(
     cache: str | Path | None = None,
     nlp: Any = None,
     write_cache: bool = True,
+    progress: bool = False,
 ) -> list[TextUnits]:
     """Units of each example's content regions, from the cache file ``cache`` (texts missing
-    from it are parsed with spaCy and appended when ``write_cache``) or parsed in memory.
+    from it are parsed with spaCy and appended when ``write_cache``, with the parsing progress
+    on stderr when ``progress``) or parsed in memory.
 
     Raises:
         ImportError: texts need parsing and spaCy (or its English pipeline) is not installed; the
@@ -413,7 +406,7 @@ def load_units(
     try:
         if cache is None:
             return extract_units(texts, nlp, regions=regions)
-        return UnitCache(cache, nlp, write=write_cache).units(texts, regions)
+        return UnitCache(cache, nlp, write=write_cache, progress=progress).units(texts, regions)
     except ImportError as err:
         where = (
             f"the units cache {str(cache)!r} is missing or lacks some of these texts"
@@ -426,6 +419,27 @@ def load_units(
             "cache on a machine that has it: mta-prepare DATA.jsonl --cache CACHE.jsonl "
             "--fields instruction input context output response prompt text"
         ) from err
+
+
+def read_examples(
+    path: str | Path,
+    fmt: str = "auto",
+    template: str | PromptTemplate = "dolly",
+    max_samples: int | None = None,
+) -> list[Example]:
+    """The formatted records of a JSONL file (the first ``max_samples``).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file holds no records, a line is not a JSON object, or a record lacks
+            the fields of its format (messages name the file and line or record).
+    """
+    records = read_records(path)
+    if not records:
+        raise ValueError(f"{path}: the file holds no records (it is empty or only blank lines)")
+    if max_samples is not None:
+        records = records[:max_samples]
+    return [format_record(r, fmt, template, where=f"{path}:{line}") for line, r in records]
 
 
 def build_dataset(
@@ -444,12 +458,6 @@ def build_dataset(
 ) -> DistillationDataset:
     """Read a JSONL file and build its :class:`DistillationDataset` (units only if
     ``with_units``; ``teacher_tokenizer`` only when it differs from ``tokenizer``)."""
-    records = read_jsonl(path)
-    if max_samples is not None:
-        records = records[:max_samples]
-    examples = [
-        format_record(r, fmt, template, where=f"{path}:record {i + 1}")
-        for i, r in enumerate(records)
-    ]
+    examples = read_examples(path, fmt, template, max_samples)
     units = load_units(examples, units_cache, nlp, write_cache) if with_units else None
     return DistillationDataset(examples, tokenizer, max_length, teacher_tokenizer, units)

@@ -20,17 +20,19 @@ import importlib.util
 import json
 import math
 import os
+import platform
 import re
 import shutil
+import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -45,14 +47,17 @@ from mta.data import DistillationCollator, DistillationDataset, Example, load_un
 from mta.evaluate import perplexity
 from mta.layers import plan_layers
 from mta.loss import MTALoss
+from mta.progress import Progress, hub_progress_bars
 from mta.trainer import MTATrainer, MTATrainingArguments
 
 __all__ = [
     "FULL",
     "QUICK",
     "DemoSettings",
+    "comparison_table",
     "demo_passages",
     "gpt2_config",
+    "results_markdown",
     "run_demo",
     "train_tokenizer",
 ]
@@ -209,16 +214,17 @@ def pretrain_teacher(
     )
     generator = torch.Generator().manual_seed(seed)
     model.train()
-    bar = tqdm(range(settings.teacher_steps), desc="teacher pretraining", unit="step")
-    for _ in bar:
-        rows = torch.randint(len(blocks), (settings.batch_size,), generator=generator)
-        loss = model(input_ids=blocks[rows], labels=blocks[rows]).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+    with Progress(settings.teacher_steps, "teacher pretraining", "steps") as progress:
+        for _ in range(settings.teacher_steps):
+            rows = torch.randint(len(blocks), (settings.batch_size,), generator=generator)
+            loss = model(input_ids=blocks[rows], labels=blocks[rows]).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress.set_postfix(loss=f"{loss.item():.3f}")
+            progress.update()
     return model.eval()
 
 
@@ -250,24 +256,25 @@ def load_or_train_teacher(
 
 
 class _ProgressBar(TrainerCallback):
-    """One tqdm bar per run with the latest loss components (instead of printed log dicts)."""
+    """One progress display per run with the latest loss components (instead of printed log
+    dicts): a bar on a terminal, a periodic line otherwise (:class:`mta.progress.Progress`)."""
 
     def __init__(self, desc: str) -> None:
         self.desc = desc
-        self.bar: Any = None
+        self.progress: Progress | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.bar = tqdm(total=state.max_steps, desc=self.desc, unit="step")
+        self.progress = Progress(state.max_steps, self.desc, "steps")
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.bar.update(state.global_step - self.bar.n)
+        self.progress.update(state.global_step - self.progress.done)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         keys = ("loss", "base_loss", "dsa", "hra")
-        self.bar.set_postfix({k: f"{logs[k]:.3f}" for k in keys if k in (logs or {})})
+        self.progress.set_postfix(**{k: f"{logs[k]:.3f}" for k in keys if k in (logs or {})})
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.bar.close()
+        self.progress.close()
 
 
 def _require_spacy() -> None:
@@ -342,8 +349,72 @@ def _plot(histories: dict[str, list[dict[str, float]]], path: Path) -> None:
     plt.close(fig)
 
 
+def _count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 def _params(model: torch.nn.Module) -> str:
-    return f"{sum(p.numel() for p in model.parameters()) / 1e3:.0f}k"
+    return f"{_count(model) / 1e3:.0f}k"
+
+
+def _source_commit() -> str:
+    """``git describe --always --dirty`` of the source tree this module runs from, or
+    ``unknown`` (an installed copy, no git)."""
+    try:
+        done = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return done.stdout.strip() or "unknown"
+
+
+def _provenance(quick: bool, seed: int, reused: bool) -> dict[str, str]:
+    """Where a results.json comes from: machine, commit, date, command."""
+    return {
+        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}, torch {torch.__version__}",
+        "commit": _source_commit(),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": f"mta-distill demo{' --quick' if quick else ''} --seed {seed} "
+        f"({'quick' if quick else 'full'}; teacher {'reused' if reused else 'trained'})",
+    }
+
+
+def comparison_table(results: Mapping[str, Any]) -> str:
+    """The demo's comparison of the teacher and the two students, from what ``results.json``
+    holds: parameters, held-out perplexity and the final loss components."""
+    header = f"{'model':<16}{'params':>8}{'held-out ppl':>14}{'base (fkl)':>12}{'dsa':>9}{'hra':>9}"
+    teacher = results["teacher"]
+    lines = [
+        header,
+        "-" * len(header),
+        f"{'teacher':<16}{teacher['params'] / 1e3:>7.0f}k{teacher['perplexity']:>14.2f}",
+    ]
+    for name, row in results["students"].items():
+        extra = "".join(f"{row[k]:>9.4f}" if k in row else f"{'-':>9}" for k in ("dsa", "hra"))
+        lines.append(
+            f"{'student ' + name:<16}{row['params'] / 1e3:>7.0f}k{row['perplexity']:>14.2f}"
+            f"{row['base_loss']:>12.4f}{extra}"
+        )
+    return "\n".join(lines)
+
+
+def results_markdown(path: str | os.PathLike[str]) -> str:
+    """The README's demo section: the comparison table of the results file ``path`` with where
+    it comes from (``mta-distill demo --table PATH`` prints it)."""
+    results = json.loads(Path(path).read_text(encoding="utf-8"))
+    return (
+        f"From `{Path(path).as_posix()}`: `{results['command']}` at commit "
+        f"`{results['commit']}`, {results['date']}, {results['machine']}, "
+        f"{results['seconds']:.0f} s; layer pairs {results['layer_pairs']}.\n\n"
+        f"```\n{comparison_table(results)}\n```"
+    )
 
 
 def run_demo(
@@ -355,9 +426,10 @@ def run_demo(
     """Run the demo (see the module docstring); returns what ``results.json`` holds."""
     _require_spacy()
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # no per-run warnings between the progress bars
+    hf_logging.set_verbosity_error()  # no per-run warnings between the progress displays
     try:
-        return _run_demo(quick, Path(output_dir), cache_dir, seed)
+        with hub_progress_bars(enabled=False):  # nor a bar for each checkpoint written
+            return _run_demo(quick, Path(output_dir), cache_dir, seed)
     finally:
         hf_logging.set_verbosity(verbosity)
 
@@ -367,6 +439,8 @@ def _run_demo(
 ) -> dict[str, Any]:
     start = time.perf_counter()
     settings = QUICK if quick else FULL
+    if output.is_dir() and any(output.iterdir()):
+        print(f"replacing the results of an earlier demo run in {output}/")
     output.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "mta"
     train_texts, heldout_texts = split_passages(demo_passages())
@@ -384,7 +458,7 @@ def _run_demo(
     print(f"teacher: {'reused from cache' if reused else 'trained'} ({_params(teacher)} params)")
 
     examples = [Example(t, 0, ((0, len(t)),)) for t in train_texts]
-    units = load_units(examples, cache / "demo-units.jsonl")
+    units = load_units(examples, cache / "demo-units.jsonl", progress=True)
     train_set = DistillationDataset(examples, tokenizer, settings.max_length, units=units)
     heldout = [Example(t, 0, ((0, len(t)),)) for t in heldout_texts]
     heldout_set = DistillationDataset(heldout, tokenizer, settings.max_length)
@@ -415,23 +489,16 @@ def _run_demo(
     _plot(histories, output / "loss_curves.png")
 
     pair_text = ", ".join(f"{p.name} {p.granularity}" for p in pairs)
-    print(f"\nlayer pairs (student-teacher): {pair_text}")
-    header = f"{'model':<16}{'params':>8}{'held-out ppl':>14}{'base (fkl)':>12}{'dsa':>9}{'hra':>9}"
-    print(header + "\n" + "-" * len(header))
-    print(f"{'teacher':<16}{_params(teacher):>8}{teacher_ppl:>14.2f}")
-    for name, row in rows.items():
-        extra = "".join(f"{row[k]:>9.4f}" if k in row else f"{'-':>9}" for k in ("dsa", "hra"))
-        print(
-            f"{'student ' + name:<16}{_params(student):>8}{row['perplexity']:>14.2f}"
-            f"{row['base_loss']:>12.4f}{extra}"
-        )
     results = {
         "settings": asdict(settings),
-        "teacher": {"perplexity": teacher_ppl, "reused": reused},
-        "students": rows,
+        "teacher": {"perplexity": teacher_ppl, "reused": reused, "params": _count(teacher)},
+        "students": {name: {**row, "params": _count(student)} for name, row in rows.items()},
         "layer_pairs": pair_text,
         "seconds": time.perf_counter() - start,
+        **_provenance(quick, seed, reused),
     }
+    print(f"\nlayer pairs (student-teacher): {pair_text}")
+    print(comparison_table(results))
     (output / "results.json").write_text(json.dumps(results, indent=1))
     print(
         f"\nloss curves: {output / 'loss_curves.png'}; students: {output / 'kd'}, "

@@ -25,6 +25,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mta.errors import DEBUG_HELP, UserError, run_command
+from mta.model_sources import resolve_source
+
 __all__ = ["generate", "main", "perplexity", "rouge_l"]
 
 
@@ -132,37 +135,85 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one generation per seed")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="one sampled generation per seed (needs --do-sample when more than one)",
+    )
     p.add_argument("--no-perplexity", action="store_true")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--output", default=None, help="write predictions (JSONL) here")
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``mta-eval``: prints a JSON summary and returns the exit status."""
+    """Entry point of ``mta-eval``: prints a JSON summary and returns the exit status (2 for a
+    user error, see :mod:`mta.errors`)."""
     opts = _parser().parse_args(argv)
+    return run_command("mta-eval", lambda: _evaluate(opts), debug=opts.debug)
+
+
+def _examples(opts: argparse.Namespace) -> list[Any]:
+    """The prompt/response examples of ``--data`` (every check before a model loads)."""
+    from mta.data import read_examples
+
+    if len(opts.seeds) > 1 and not opts.do_sample:
+        raise UserError(
+            f"--seeds {' '.join(map(str, opts.seeds))} without --do-sample would repeat one "
+            "greedy generation: add --do-sample (and --temperature/--top-p), or give one seed"
+        )
+    for name, value in (
+        ("--max-new-tokens", opts.max_new_tokens),
+        ("--batch-size", opts.batch_size),
+    ):
+        if value < 1:
+            raise UserError(f"{name} must be at least 1, got {value}")
+    try:
+        examples = read_examples(opts.data, opts.format, opts.template, opts.max_samples)
+    except (OSError, TypeError, ValueError) as err:
+        raise UserError(f"--data: {err}") from None
+    for example in examples:
+        if not example.prompt:
+            raise UserError(
+                f"--data: {opts.data} holds plain text records; mta-eval needs prompt/response "
+                "records (instruction/input/output or prompt/output)"
+            )
+    return examples
+
+
+def _evaluate(opts: argparse.Namespace) -> int:
+    examples = _examples(opts)
+    model_source = resolve_source("--model", opts.model)
+    tokenizer_source = (
+        resolve_source("--tokenizer", opts.tokenizer, "tokenizer")
+        if opts.tokenizer
+        else resolve_source(
+            "--model (its tokenizer, unless --tokenizer is set)", opts.model, "tokenizer"
+        )
+    )
+    if opts.output and Path(opts.output).is_dir():
+        raise UserError(f"--output {opts.output!r} is a directory; give the path of a JSONL file")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
 
-    from mta.data import DistillationDataset, format_record, pad_token_id, read_jsonl
+    from mta.data import DistillationDataset, pad_token_id
 
-    records = read_jsonl(opts.data)[: opts.max_samples]
-    examples = [
-        format_record(r, opts.format, opts.template, where=f"{opts.data}:record {i + 1}")
-        for i, r in enumerate(records)
-    ]
-    for i, example in enumerate(examples):
-        if not example.prompt:
-            raise ValueError(
-                f"{opts.data}: record {i + 1} is plain text; mta-eval needs prompt/response "
-                "records (instruction/input/output or prompt/output)"
-            )
     device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = opts.dtype if opts.dtype == "auto" else getattr(torch, opts.dtype)
-    tokenizer = AutoTokenizer.from_pretrained(opts.tokenizer or opts.model)
-    model = AutoModelForCausalLM.from_pretrained(opts.model, dtype=dtype).to(device).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            tokenizer_source.name, local_files_only=tokenizer_source.local_files_only
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            model_source.name, dtype=dtype, local_files_only=model_source.local_files_only
+        )
+    except (OSError, ValueError) as err:
+        raise UserError(f"--model {opts.model!r}: {err}") from None
+    model = model.to(device).eval()
     prompts = [e.prompt for e in examples]
     references = [e.response for e in examples]
     per_seed, generations = [], []

@@ -40,8 +40,9 @@ import importlib.util
 import inspect
 import math
 import os
+import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -51,12 +52,14 @@ __all__ = [
     "BACKENDS",
     "KINDS",
     "LIGER_KINDS",
+    "Kind",
     "distillation_loss",
     "fused_linear_distillation_loss",
     "liger_available",
 ]
 
-KINDS: tuple[str, ...] = ("ce", "fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd")
+Kind = Literal["ce", "fkl", "rkl", "jsd", "skew_fkl", "skew_rkl", "tvd"]
+KINDS: tuple[str, ...] = typing.get_args(Kind)
 REDUCTIONS: tuple[str, ...] = ("mean", "sum")
 BACKENDS: tuple[str, ...] = ("auto", "torch", "liger")
 LIGER_KINDS: dict[str, float] = {"fkl": 0.0, "jsd": 0.5, "rkl": 1.0}  # kind -> Liger's JSD β

@@ -17,6 +17,10 @@ Texts are cached per *segment* (:func:`mta.spans.text_segments`): with ``regions
 prompt template is its own entry, so a cache built from a dataset's raw fields serves any template.
 Token ranges are tokenizer-specific and cheap (:func:`mta.spans.example_unit_spans`); they are not
 cached here.
+
+Entries are written as they are parsed (every ``batch_size`` texts, and whatever is pending when
+parsing stops, Ctrl-C included), so an interrupted ``mta-prepare`` keeps what it parsed and a
+rerun parses only the rest.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -34,12 +39,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mta.errors import DEBUG_HELP, UserError, run_command
+from mta.jsonl import read_records
+from mta.progress import Progress, format_duration
 from mta.spans import (
     DEFAULT_MAX_PHRASE_TOKENS,
     RULE_VERSION,
     Span,
     TextUnits,
     extract_units,
+    iter_units,
     merge_segments,
     pipeline_id,
     text_segments,
@@ -106,6 +115,7 @@ class UnitCache:
         max_phrase_tokens, batch_size, n_process: as in :func:`mta.spans.extract_units`.
         write: ``False`` parses misses without writing (e.g. non-zero ranks of a distributed job;
             appends from several processes to one file are not coordinated).
+        progress: show the parsing progress on stderr (:class:`mta.progress.Progress`).
     """
 
     def __init__(
@@ -117,6 +127,7 @@ class UnitCache:
         batch_size: int = 64,
         n_process: int = 1,
         write: bool = True,
+        progress: bool = False,
     ) -> None:
         self.path = Path(path)
         self.nlp = nlp
@@ -124,6 +135,7 @@ class UnitCache:
         self.n_process = n_process
         self.max_phrase_tokens = max_phrase_tokens
         self.write = write
+        self.progress = progress
         self.pipeline = pipeline_id(nlp)
         self.stats = CacheStats()
         self._entries: dict[str, dict[str, Any]] | None = None
@@ -183,21 +195,40 @@ class UnitCache:
                 self._rewrite = True
             todo[key] = seg.text
         if todo:
-            parsed = extract_units(
-                list(todo.values()),
-                self.nlp,
-                batch_size=self.batch_size,
-                n_process=self.n_process,
-                max_phrase_tokens=self.max_phrase_tokens,
-            )
-            self.stats.parsed += len(todo)
-            new = [self._entry(k, t, u) for (k, t), u in zip(todo.items(), parsed, strict=True)]
-            entries.update((e["key"], e) for e in new)
-            found.update(zip(todo, parsed, strict=True))
-            self._save(new)
+            self._parse(todo, found)
         elif self._rewrite:
             self._save([])
         return merge_segments(len(texts), segments, [found[k] for k in keys])
+
+    def _parse(self, todo: dict[str, str], found: dict[str, TextUnits]) -> None:
+        """Parse the texts of ``todo`` (key → text) into ``found``, storing each batch of entries
+        as soon as it is parsed, and what is pending when parsing stops for any reason."""
+        parsed = iter_units(
+            list(todo.values()),
+            self.nlp,
+            batch_size=self.batch_size,
+            n_process=self.n_process,
+            max_phrase_tokens=self.max_phrase_tokens,
+        )
+        entries = self._index()
+        pending: list[dict[str, Any]] = []
+        meter = Progress(len(todo), "mta-prepare: parsing", "texts") if self.progress else None
+        try:
+            for (key, text), units in zip(todo.items(), parsed, strict=True):
+                entry = self._entry(key, text, units)
+                entries[key] = entry
+                found[key] = units
+                pending.append(entry)
+                self.stats.parsed += 1
+                if meter is not None:
+                    meter.update()
+                if len(pending) >= self.batch_size:
+                    self._save(pending)
+                    pending = []
+        finally:
+            self._save(pending)
+            if meter is not None:
+                meter.close()
 
     def _entry(self, key: str, text: str, units: TextUnits) -> dict[str, Any]:
         entry = {
@@ -211,8 +242,9 @@ class UnitCache:
         return entry
 
     def _save(self, new: list[dict[str, Any]]) -> None:
-        """Append ``new`` entries, or rewrite the file when corrupt or stale lines were seen."""
-        if not self.write:
+        """Append ``new`` entries, or rewrite the file (with every entry known, ``new`` ones
+        included) when corrupt or stale lines were seen."""
+        if not self.write or not (new or self._rewrite):
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not self._rewrite:
@@ -257,29 +289,39 @@ def cached_units(
 
 
 def _read_texts(paths: Sequence[str], fields: Sequence[str]) -> tuple[int, list[str]]:
-    """(number of records, the non-empty string values of ``fields``) of JSONL files."""
+    """(number of records, the non-empty string values of ``fields``) of JSONL files.
+
+    Raises:
+        UserError: a file is missing or malformed (``file:line``), a field holds something else
+            than a string, or a field is in no record (the message lists the fields found).
+    """
     records, texts = 0, []
+    seen: set[str] = set()
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except ValueError as err:
-                    raise ValueError(f"{path}:{line_no}: not valid JSON ({err})") from err
-                if not isinstance(record, dict):
-                    raise ValueError(f"{path}:{line_no}: each line must be a JSON object")
-                records += 1
-                for field in fields:
-                    value = record.get(field)
-                    if value is not None and not isinstance(value, str):
-                        raise ValueError(
-                            f"{path}:{line_no}: field {field!r} must be a string, "
-                            f"got {type(value).__name__}"
-                        )
-                    if value:
-                        texts.append(value)
+        try:
+            lines = read_records(path)
+        except (OSError, ValueError) as err:
+            raise UserError(str(err)) from None
+        for line, record in lines:
+            records += 1
+            seen.update(record)
+            for field in fields:
+                value = record.get(field)
+                if value is not None and not isinstance(value, str):
+                    raise UserError(
+                        f"{path}:{line}: field {field!r} must be a string, "
+                        f"got {type(value).__name__}"
+                    )
+                if value:
+                    texts.append(value)
+    absent = [f for f in fields if f not in seen]
+    if absent:
+        where = ", ".join(paths)
+        raise UserError(
+            f"--fields: {', '.join(repr(f) for f in absent)} {'is' if len(absent) == 1 else 'are'} "
+            f"in no record of {where}; its records have the fields "
+            f"{', '.join(sorted(seen)) or '(none)'}"
+        )
     return records, texts
 
 
@@ -287,7 +329,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mta-prepare",
         description="Parse the text fields of JSONL datasets once and cache their word and phrase "
-        "units for MTA distillation (a second run reads the cache without importing spaCy).",
+        "units for MTA distillation (a second run reads the cache without importing spaCy). "
+        "Entries are written as they are parsed: an interrupted run keeps them and a rerun "
+        "parses only the rest.",
     )
     p.add_argument("data", nargs="+", help="JSONL files, one JSON object per line")
     p.add_argument("--cache", required=True, help="cache file to create or update (JSONL)")
@@ -301,12 +345,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-phrase-tokens", type=int, default=DEFAULT_MAX_PHRASE_TOKENS)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--n-process", type=int, default=1, help="spaCy worker processes (-1: all)")
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``mta-prepare``; prints a one-line summary and returns the exit status."""
-    args = _parser().parse_args(argv)
+def _check_options(args: argparse.Namespace) -> None:
+    for name, value in (
+        ("--batch-size", args.batch_size),
+        ("--max-phrase-tokens", args.max_phrase_tokens),
+    ):
+        if value < 1:
+            raise UserError(f"{name} must be at least 1, got {value}")
+    if args.n_process < 1 and args.n_process != -1:
+        raise UserError(
+            f"--n-process must be at least 1, or -1 for one per CPU, got {args.n_process}"
+        )
+    cache = Path(args.cache)
+    if cache.is_dir():
+        raise UserError(f"--cache {args.cache!r} is a directory; give the path of a JSONL file")
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    _check_options(args)
     records, texts = _read_texts(args.data, args.fields)
     cache = UnitCache(
         args.cache,
@@ -314,18 +374,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_phrase_tokens=args.max_phrase_tokens,
         batch_size=args.batch_size,
         n_process=args.n_process,
+        progress=True,
     )
     start = time.perf_counter()
-    cache.units(texts)
+    try:
+        cache.units(texts)
+    except KeyboardInterrupt:
+        print(
+            f"mta-prepare: stopped after parsing {cache.stats.parsed} texts, which are in "
+            f"{args.cache}; the same command continues from there",
+            file=sys.stderr,
+        )
+        raise
+    except (ImportError, OSError) as err:  # no spaCy / pipeline: the message says what to install
+        raise UserError(str(err)) from None
     elapsed = time.perf_counter() - start
     s = cache.stats
     rate = f", {s.parsed / elapsed:.0f} texts/s" if s.parsed else ""
     print(
         f"mta-prepare: {records} records, {len(texts)} texts ({s.hits + s.parsed} distinct): "
         f"{s.hits} cached, {s.parsed} parsed ({s.stale} stale, {s.corrupt} corrupt lines) "
-        f"in {elapsed:.1f} s{rate} -> {args.cache}"
+        f"in {format_duration(elapsed) if elapsed >= 60 else f'{elapsed:.1f} s'}{rate} "
+        f"-> {args.cache}"
     )
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``mta-prepare``: prints a one-line summary and returns the exit status (2
+    for a user error, see :mod:`mta.errors`)."""
+    args = _parser().parse_args(argv)
+    return run_command("mta-prepare", lambda: _prepare(args), debug=args.debug)
 
 
 if __name__ == "__main__":

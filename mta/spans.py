@@ -23,7 +23,7 @@ import importlib.metadata
 import importlib.util
 import itertools
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -49,6 +49,7 @@ __all__ = [
     "example_unit_spans",
     "extract_units",
     "fill_template",
+    "iter_units",
     "load_pipeline",
     "merge_segments",
     "pad_unit_spans",
@@ -423,19 +424,43 @@ def extract_units(
         >>> u.slice("The cat sat on the mat.", "phrase")
         ['The cat', 'sat', 'the mat']
     """
+    texts = _check_texts(texts)
+    segments = text_segments(texts, regions)
+    units = iter_units(
+        [s.text for s in segments],
+        nlp,
+        batch_size=batch_size,
+        n_process=n_process,
+        max_phrase_tokens=max_phrase_tokens,
+    )
+    return merge_segments(len(texts), segments, list(units))
+
+
+def iter_units(
+    texts: Sequence[str],
+    nlp: Language | str | None = None,
+    *,
+    batch_size: int = 64,
+    n_process: int = 1,
+    max_phrase_tokens: int = DEFAULT_MAX_PHRASE_TOKENS,
+) -> Iterator[TextUnits]:
+    """The units of each whole text, one at a time as ``nlp.pipe`` parses them (arguments as in
+    :func:`extract_units`): a caller can store or count each result before the rest is parsed.
+    The arguments are checked at once, the pipeline is loaded when the first text is asked for
+    (and only if there is one)."""
     _check_positive("batch_size", batch_size)
     _check_positive("n_process", n_process, allow=(-1,))
     _check_positive("max_phrase_tokens", max_phrase_tokens)
     texts = _check_texts(texts)
-    segments = text_segments(texts, regions)
-    if segments:
-        if not hasattr(nlp, "pipe"):
-            nlp = load_pipeline(nlp)
-        docs = nlp.pipe((s.text for s in segments), batch_size=batch_size, n_process=n_process)
-        units = [units_from_doc(doc, max_phrase_tokens) for doc in docs]
-    else:
-        units = []
-    return merge_segments(len(texts), segments, units)
+
+    def parse() -> Iterator[TextUnits]:
+        if not texts:
+            return
+        pipeline = nlp if hasattr(nlp, "pipe") else load_pipeline(nlp)
+        for doc in pipeline.pipe(texts, batch_size=batch_size, n_process=n_process):
+            yield units_from_doc(doc, max_phrase_tokens)
+
+    return parse()
 
 
 # --------------------------------------------------------------------------- token ranges

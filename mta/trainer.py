@@ -52,9 +52,11 @@ try:
 except ImportError:  # torch built without distributed support
     DTensor = ()  # isinstance(x, ()) is False
 
+from mta.callbacks import print_logs_as_numbers
 from mta.kd_losses import (
     KINDS,
     LIGER_KINDS,
+    Kind,
     distillation_loss,
     fused_linear_distillation_loss,
     liger_available,
@@ -88,7 +90,7 @@ class MTATrainingArguments(TrainingArguments):
     projector parameter gets a gradient each step).
     """
 
-    base_loss: str = field(
+    base_loss: Kind = field(
         default="fkl", metadata={"help": f"Base distillation loss, one of {KINDS}."}
     )
     temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the KD."})
@@ -115,6 +117,13 @@ class MTATrainingArguments(TrainingArguments):
             "JSD on CUDA for fkl/rkl/jsd when installed; 'auto': only when Liger-Kernel is "
             "installed, training runs on CUDA and base_loss is fkl, rkl or jsd; 'off' (false): "
             "never."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Let mta-distill write into an output_dir that already holds files (without "
+            "it, such a directory is refused unless resume_from_checkpoint is set)."
         },
     )
     remove_unused_columns: bool = False
@@ -500,6 +509,7 @@ class MTATrainer(Trainer):
         self.fused_lm_head = self._use_fused_head()
         self._train_components = _ComponentMeter()
         self._eval_components = _ComponentMeter()
+        print_logs_as_numbers(self)
 
     # ---- construction checks ------------------------------------------------------------
 

@@ -21,6 +21,8 @@ METRICS = (
     "phrases_per_example",
     "cache_read",
     "cache_bytes_per_example",
+    "prepare_n1",
+    "prepare_n2",
     "pad_unit_spans",
     "collate_unit_spans_1tok",
     "collate_unit_spans_2tok",
@@ -47,7 +49,7 @@ def test_select_examples_rejects_bad_counts(n):
         bench_spans.select_examples(["a b c"] * 3, n)
 
 
-@pytest.mark.parametrize("flag", ["--examples", "--repeats", "--reps"])
+@pytest.mark.parametrize("flag", ["--examples", "--repeats", "--reps", "--prepare-examples"])
 def test_cli_rejects_non_positive_counts(flag, capsys):
     with pytest.raises(SystemExit) as exc:
         bench_spans.main([flag, "0"])
@@ -59,6 +61,7 @@ def test_tiny_run_writes_sane_csv_and_markdown(tmp_path, capsys):
     pytest.importorskip("spacy")
     out = tmp_path / "spans.csv"
     args = ["--examples", str(N_EXAMPLES), "--repeats", "3", "--reps", "50", "--out", str(out)]
+    args += ["--prepare-examples", str(N_EXAMPLES)]
     assert bench_spans.main(args) == 0
     printed = capsys.readouterr().out
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -203,14 +204,16 @@ def test_cli_parses_once_then_reads_without_spacy(tmp_path, nlp, capsys):
     [
         ('{"instruction": "ok"}\n{"instruction": 3}\n', r"data.jsonl:2: field 'instruction'"),
         ('{"instruction": "ok"}\nnot json\n', r"data.jsonl:2: not valid JSON"),
-        ('["a list"]\n', r"data.jsonl:1: each line must be a JSON object"),
+        ('["a list"]\n', r"data.jsonl:1: expected a JSON object, got list"),
     ],
 )
-def test_cli_rejects_bad_datasets(tmp_path, content, match):
+def test_cli_rejects_bad_datasets(tmp_path, content, match, capsys):
     data = tmp_path / "data.jsonl"
     data.write_text(content, encoding="utf-8")
-    with pytest.raises(ValueError, match=match):
-        P.main([str(data), "--cache", str(tmp_path / "u.jsonl"), "--fields", "instruction"])
+    assert P.main([str(data), "--cache", str(tmp_path / "u.jsonl"), "--fields", "instruction"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mta-prepare: error: ") and re.search(match, err), err
+    assert not (tmp_path / "u.jsonl").exists()
 
 
 def test_cli_requires_cache_and_fields(tmp_path, capsys):
@@ -219,3 +222,90 @@ def test_cli_requires_cache_and_fields(tmp_path, capsys):
     with pytest.raises(SystemExit):
         P.main([str(tmp_path / "data.jsonl"), "--cache", str(tmp_path / "u.jsonl")])
     assert "required" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ incremental writes, resume
+
+MANY = [
+    f"The {noun} {verb} the {thing}."
+    for noun in ("cat", "dog", "bird")
+    for verb in ("sees", "likes", "chases")
+    for thing in ("ball", "tree")
+]  # 18 distinct texts
+
+
+class StopAfter:
+    """A pipeline that parses like ``nlp`` but is interrupted (Ctrl-C) after ``n`` texts, and
+    records how many cache lines were on disk at each text it handed out."""
+
+    def __init__(self, nlp, n: int, path: Path) -> None:
+        self.nlp, self.n, self.path = nlp, n, path
+        self.meta = nlp.meta  # what the cache keys entries with
+        self.lines_seen: list[int] = []
+
+    def pipe(self, texts, batch_size, n_process):
+        for i, doc in enumerate(self.nlp.pipe(texts, batch_size=batch_size)):
+            if i == self.n:
+                raise KeyboardInterrupt
+            self.lines_seen.append(len(lines(self.path)) if self.path.exists() else 0)
+            yield doc
+
+
+def test_entries_are_written_while_parsing_and_kept_on_interrupt(tmp_path, nlp):
+    path = tmp_path / "units.jsonl"
+    stopper = StopAfter(nlp, 11, path)
+    cache = P.UnitCache(path, stopper, batch_size=4)
+    with pytest.raises(KeyboardInterrupt):
+        cache.units(MANY)
+    # each batch of 4 is on disk before the next text is parsed; the 3 pending ones at the stop too
+    assert stopper.lines_seen == [0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8]
+    assert len(lines(path)) == 11 and cache.stats.parsed == 11
+    resumed = P.UnitCache(path, nlp, batch_size=4)
+    assert resumed.units(MANY) == S.extract_units(MANY, nlp)
+    assert resumed.stats == P.CacheStats(hits=11, parsed=len(MANY) - 11)
+    assert len(lines(path)) == len(MANY)
+
+
+def test_rewrite_after_corrupt_lines_happens_once_then_appends(tmp_path, nlp):
+    path = tmp_path / "units.jsonl"
+    P.UnitCache(path, nlp).units(MANY[:3])
+    path.write_text(path.read_text() + "not json\n")
+    cache = P.UnitCache(path, nlp, batch_size=2)
+    assert cache.units(MANY) == S.extract_units(MANY, nlp)
+    assert cache.stats.corrupt == 1 and cache.stats.parsed == len(MANY) - 3
+    assert sorted(e["key"] for e in lines(path)) == sorted(P.text_key(t) for t in MANY)
+
+
+def test_cli_interrupt_keeps_the_parsed_texts(tmp_path, nlp, monkeypatch, capsys):
+    data, cache = tmp_path / "data.jsonl", tmp_path / "units.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in MANY))
+    real = S.load_pipeline
+    monkeypatch.setattr(S, "load_pipeline", lambda name=None: StopAfter(real(name), 5, cache))
+    args = [str(data), "--cache", str(cache), "--fields", "text", "--batch-size", "2"]
+    assert P.main(args) == 130
+    err = capsys.readouterr().err
+    assert "mta-prepare: stopped after parsing 5 texts, which are in" in err
+    assert err.strip().endswith("mta-prepare: interrupted") and "Traceback" not in err
+    monkeypatch.setattr(S, "load_pipeline", real)
+    assert P.main(args) == 0
+    assert f"18 texts (18 distinct): 5 cached, {len(MANY) - 5} parsed" in capsys.readouterr().out
+
+
+def test_cli_shows_progress_as_plain_lines_off_a_terminal(tmp_path, nlp, capsys):
+    data, cache = tmp_path / "data.jsonl", tmp_path / "units.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in MANY))
+    assert P.main([str(data), "--cache", str(cache), "--fields", "text"]) == 0
+    err = capsys.readouterr().err  # not a terminal: no bar, a line at the end
+    assert re.search(r"mta-prepare: parsing 18/18 texts \(100%\), [\d.]+ texts/s, done in", err)
+    assert "\r" not in err
+
+
+def test_cli_parses_in_parallel(tmp_path, nlp, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in MANY))
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    for cache, n in ((one, "1"), (two, "2")):
+        args = [str(data), "--cache", str(cache), "--fields", "text", "--n-process", n]
+        assert P.main([*args, "--batch-size", "4"]) == 0
+    assert P.UnitCache(one, nlp).units(MANY) == P.UnitCache(two, nlp).units(MANY)
+    assert {e["key"] for e in lines(one)} == {e["key"] for e in lines(two)}

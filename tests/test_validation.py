@@ -115,7 +115,13 @@ CASES = [
     ("span_weights", (WEIGHTS, SPANS, MASK.tolist()), {}, TypeError, "span_mask must be a torch"),
     ("span_pool", (hidden(), SPANS, MASK.long()), {}, TypeError, "span_mask must be a bool"),
     ("span_weights", (WEIGHTS, SPANS, MASK.int()), {}, TypeError, "span_mask must be a bool"),
-    ("pairwise_distance", (hidden(B, K, D), MASK.long()), {}, TypeError, "span_mask must be a bool"),
+    (
+        "pairwise_distance",
+        (hidden(B, K, D), MASK.long()),
+        {},
+        TypeError,
+        "span_mask must be a bool",
+    ),
     (
         "structural_loss",
         (hidden(B, K, D), hidden(B, K, 7), torch.rand(B, K), MASK.to(torch.uint8)),

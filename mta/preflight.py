@@ -1,0 +1,186 @@
+"""Checks of an ``mta-distill`` run that need no model weights, done before anything loads.
+
+:func:`check_run` turns every mistake it can find without a model into a
+:class:`~mta.errors.UserError` that names the config key (or the file and line): placeholders a
+template leaves to the command line, the training arguments, the output directory, the data files
+and their records, where each model and tokenizer comes from, and the layer plan against the
+depths in the models' ``config.json``. It writes nothing. What it returns is what
+:func:`mta.cli.build_trainer` builds from, so nothing is read twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mta.config import PLACEHOLDER, RunConfig, placeholder_keys
+from mta.errors import UserError
+from mta.model_sources import ModelSource, resolve_source
+
+if TYPE_CHECKING:
+    from mta.data import Example
+    from mta.layers import LayerPair
+    from mta.trainer import MTATrainingArguments
+
+__all__ = ["CheckedRun", "check_run"]
+
+
+@dataclass
+class CheckedRun:
+    """A configuration that passed :func:`check_run`, with what the checks read."""
+
+    config: RunConfig
+    args: MTATrainingArguments
+    teacher: ModelSource
+    student: ModelSource
+    teacher_tokenizer: ModelSource
+    student_tokenizer: ModelSource
+    train_examples: list[Example]
+    eval_examples: list[Example] | None
+    layer_pairs: list[LayerPair] | None
+    """None when the MTA term is off."""
+    student_dims: tuple[int, int]
+    teacher_dims: tuple[int, int]
+    """(layers, hidden size) read from each model's config.json."""
+
+    @property
+    def use_mta(self) -> bool:
+        return self.layer_pairs is not None
+
+
+def _check_placeholders(config: RunConfig) -> None:
+    keys = placeholder_keys(config)
+    if keys:
+        example = " ".join(f"{k}=..." for k in keys)
+        raise UserError(
+            f"the config leaves {', '.join(keys)} to be set ({PLACEHOLDER}): give them on the "
+            f"command line, e.g. mta-distill --config FILE {example}"
+        )
+
+
+def _training_arguments(config: RunConfig) -> MTATrainingArguments:
+    from mta.trainer import MTATrainingArguments
+
+    if "output_dir" not in config.training:
+        raise UserError("config key 'training.output_dir' is required (where the student goes)")
+    try:
+        return MTATrainingArguments(**config.training)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"training: {err}") from None
+
+
+def _check_output_dir(args: MTATrainingArguments) -> None:
+    output = Path(args.output_dir)
+    resume = args.resume_from_checkpoint
+    if resume is not None and not Path(resume).is_dir():
+        raise UserError(
+            f"training.resume_from_checkpoint: {str(resume)!r} is not a checkpoint directory "
+            "(give one of output_dir/checkpoint-N)"
+        )
+    if output.exists() and not output.is_dir():
+        raise UserError(f"training.output_dir: {str(output)!r} is a file, not a directory")
+    if output.is_dir() and any(output.iterdir()) and not args.overwrite_output_dir and not resume:
+        raise UserError(
+            f"training.output_dir {str(output)!r} already holds files: choose a new directory, "
+            "set training.overwrite_output_dir=true to write into it, or "
+            "training.resume_from_checkpoint=<a checkpoint in it> to continue that run"
+        )
+
+
+def _examples(config: RunConfig, key: str, path: str, limit: int | None) -> list[Example]:
+    from mta.data import TEMPLATES, read_examples
+
+    if config.data.template not in TEMPLATES:
+        raise UserError(
+            f"config key 'data.template' must be one of {sorted(TEMPLATES)}, got "
+            f"{config.data.template!r}"
+        )
+    try:
+        return read_examples(path, config.data.format, config.data.template, limit)
+    except (OSError, TypeError, ValueError) as err:
+        raise UserError(f"{key}: {err}") from None
+
+
+def _tokenizer_source(role: str, tokenizer: str | None, model: str) -> ModelSource:
+    """``model.<role>_tokenizer``, or the model's own folder or hub id when it is not set."""
+    key = f"model.{role}_tokenizer"
+    if tokenizer:
+        return resolve_source(key, tokenizer, "tokenizer")
+    return resolve_source(f"model.{role} (its tokenizer, unless {key} is set)", model, "tokenizer")
+
+
+def _dims(source: ModelSource, trust_remote_code: bool) -> tuple[int, int]:
+    """(layers, hidden size) from the model's config.json."""
+    from transformers import AutoConfig
+
+    try:
+        text = AutoConfig.from_pretrained(
+            source.name,
+            local_files_only=source.local_files_only,
+            trust_remote_code=trust_remote_code,
+        ).get_text_config()
+        return int(text.num_hidden_layers), int(text.hidden_size)
+    except (OSError, ValueError, AttributeError) as err:
+        raise UserError(f"{source.key}: cannot read its config.json ({err})") from None
+
+
+def _layer_pairs(
+    config: RunConfig, student: tuple[int, int], teacher: tuple[int, int]
+) -> list[LayerPair]:
+    from mta.layers import plan_layers
+
+    m = config.mta
+    key = "mta.layer_pairs" if m.layer_pairs is not None else "mta (the automatic layer plan)"
+    try:
+        return plan_layers(
+            student[0],
+            teacher[0],
+            m.num_key_layers,
+            m.num_word_layers,
+            m.stride,
+            pairs=m.layer_pairs,
+        )
+    except ValueError as err:
+        raise UserError(f"{key}: {err} (depths read from the models' config.json)") from None
+
+
+def check_run(config: RunConfig) -> CheckedRun:
+    """Every check of ``config`` that needs no model weights (see the module docstring).
+
+    Raises:
+        UserError: the first mistake found, naming its key, file or line.
+    """
+    _check_placeholders(config)
+    args = _training_arguments(config)
+    _check_output_dir(args)
+    d, m = config.data, config.model
+    if d.max_length < 2:
+        raise UserError(f"config key 'data.max_length' must be at least 2, got {d.max_length}")
+    train = _examples(config, "data.train_file", d.train_file, d.max_train_samples)
+    evaluation = (
+        _examples(config, "data.eval_file", d.eval_file, d.max_eval_samples)
+        if d.eval_file
+        else None
+    )
+    teacher = resolve_source("model.teacher", m.teacher)
+    student = resolve_source("model.student", m.student)
+    teacher_tokenizer = _tokenizer_source("teacher", m.teacher_tokenizer, m.teacher)
+    student_tokenizer = _tokenizer_source("student", m.student_tokenizer, m.student)
+    teacher_dims = _dims(teacher, m.trust_remote_code)
+    student_dims = _dims(student, m.trust_remote_code)
+    use_mta = config.mta.enabled and (config.mta.lambda_dsa > 0 or config.mta.lambda_hra > 0)
+    pairs = _layer_pairs(config, student_dims, teacher_dims) if use_mta else None
+    return CheckedRun(
+        config=config,
+        args=args,
+        teacher=teacher,
+        student=student,
+        teacher_tokenizer=teacher_tokenizer,
+        student_tokenizer=student_tokenizer,
+        train_examples=train,
+        eval_examples=evaluation,
+        layer_pairs=pairs,
+        student_dims=student_dims,
+        teacher_dims=teacher_dims,
+    )
