@@ -449,7 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="runs of the throughput measurements")
     p.add_argument("--reps", type=int, default=200, help="timed calls of the collation functions")
     p.add_argument(
-        "--prepare-examples", type=int, default=400, help="passages of the mta-prepare rows"
+        "--prepare-examples", type=int, default=360, help="passages of the mta-prepare rows"
     )
     p.add_argument(
         "--markdown",
