@@ -406,7 +406,10 @@ def load_units(
     try:
         if cache is None:
             return extract_units(texts, nlp, regions=regions)
-        return UnitCache(cache, nlp, write=write_cache, progress=progress).units(texts, regions)
+        store = UnitCache(
+            cache, nlp, write=write_cache, progress="parsing units" if progress else None
+        )
+        return store.units(texts, regions)
     except ImportError as err:
         where = (
             f"the units cache {str(cache)!r} is missing or lacks some of these texts"

@@ -115,7 +115,8 @@ class UnitCache:
         max_phrase_tokens, batch_size, n_process: as in :func:`mta.spans.extract_units`.
         write: ``False`` parses misses without writing (e.g. non-zero ranks of a distributed job;
             appends from several processes to one file are not coordinated).
-        progress: show the parsing progress on stderr (:class:`mta.progress.Progress`).
+        progress: a label such as ``"parsing units"``: show the parsing progress under it on
+            stderr (:class:`mta.progress.Progress`); ``None``: silent.
     """
 
     def __init__(
@@ -127,7 +128,7 @@ class UnitCache:
         batch_size: int = 64,
         n_process: int = 1,
         write: bool = True,
-        progress: bool = False,
+        progress: str | None = None,
     ) -> None:
         self.path = Path(path)
         self.nlp = nlp
@@ -212,7 +213,7 @@ class UnitCache:
         )
         entries = self._index()
         pending: list[dict[str, Any]] = []
-        meter = Progress(len(todo), "mta-prepare: parsing", "texts") if self.progress else None
+        meter = Progress(len(todo), self.progress, "texts") if self.progress else None
         try:
             for (key, text), units in zip(todo.items(), parsed, strict=True):
                 entry = self._entry(key, text, units)
@@ -374,7 +375,7 @@ def _prepare(args: argparse.Namespace) -> int:
         max_phrase_tokens=args.max_phrase_tokens,
         batch_size=args.batch_size,
         n_process=args.n_process,
-        progress=True,
+        progress="mta-prepare: parsing",
     )
     start = time.perf_counter()
     try:
