@@ -25,7 +25,7 @@ import yaml
 
 from mta.config import RunConfig, load_config
 from mta.errors import DEBUG_HELP, UserError, run_command
-from mta.model_sources import ModelSource
+from mta.model_sources import ModelSource, load_pretrained
 from mta.preflight import CheckedRun, check_run
 from mta.progress import hub_progress_bars
 
@@ -110,9 +110,7 @@ def _build(checked: CheckedRun) -> MTATrainer:
     remote = {"trust_remote_code": m.trust_remote_code}
 
     def load(loader: Any, source: ModelSource, **kwargs: Any) -> Any:
-        return loader.from_pretrained(
-            source.name, local_files_only=source.local_files_only, **remote, **kwargs
-        )
+        return load_pretrained(loader, source, **remote, **kwargs)
 
     student_tokenizer = load(AutoTokenizer, checked.student_tokenizer)
     teacher_tokenizer = load(AutoTokenizer, checked.teacher_tokenizer)
@@ -180,17 +178,20 @@ def _build(checked: CheckedRun) -> MTATrainer:
     collator = DistillationCollator(
         pad_token_id(student_tokenizer), pad_token_id(teacher_tokenizer) if cross else None
     )
-    return MTATrainer(
-        model=student,
-        teacher_model=teacher,
-        args=args,
-        mta_loss=mta_loss,
-        processing_class=student_tokenizer,
-        teacher_processing_class=teacher_tokenizer if cross else None,
-        data_collator=collator,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-    )
+    try:
+        return MTATrainer(
+            model=student,
+            teacher_model=teacher,
+            args=args,
+            mta_loss=mta_loss,
+            processing_class=student_tokenizer,
+            teacher_processing_class=teacher_tokenizer if cross else None,
+            data_collator=collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+        )
+    except ValueError as err:  # the trainer's checks of the models against the settings
+        raise UserError(f"training: {err}") from None
 
 
 def train(trainer: MTATrainer, config: RunConfig) -> MTATrainer:
@@ -232,14 +233,7 @@ def _distill(opts: argparse.Namespace) -> int:
 
 
 def _build_and_train(config: RunConfig) -> None:
-    try:
-        trainer = build_trainer(config)
-    except UserError:
-        raise
-    except (ImportError, OSError, TypeError, ValueError) as err:
-        # raised while loading the tokenizers or models, or by the trainer's own checks of the
-        # combination asked for (e.g. a fused LM head the models cannot take)
-        raise UserError(str(err)) from err
+    trainer = build_trainer(config)
     with hub_progress_bars(enabled=not trainer.args.disable_tqdm):
         train(trainer, config)
 
@@ -250,7 +244,7 @@ def _demo(opts: argparse.Namespace) -> int:
     if opts.table is not None:
         try:
             print(results_markdown(opts.table))
-        except (OSError, ValueError, KeyError) as err:
+        except (OSError, ValueError, KeyError, TypeError) as err:
             raise UserError(f"--table {opts.table!r}: not a demo results.json ({err!r})") from None
         return 0
     try:

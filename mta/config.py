@@ -86,11 +86,12 @@ def _parse_yaml(text: str, where: str) -> Any:
 
 
 def _plain_bools(value: Any) -> Any:
-    """``value`` with every :class:`BoolWord` turned into its boolean (for untyped values)."""
+    """``value`` with every :class:`BoolWord` value turned into its boolean and every key into
+    a plain ``str`` (for untyped values: mapping keys are names)."""
     if isinstance(value, BoolWord):
         return value.truth
     if isinstance(value, Mapping):
-        return {k: _plain_bools(v) for k, v in value.items()}
+        return {str(k) if isinstance(k, str) else k: _plain_bools(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_plain_bools(v) for v in value]
     return value
@@ -165,12 +166,15 @@ class RunConfig:
 
 
 def _plain(value: Any) -> Any:
+    """Only YAML-dumpable builtins (a str subclass such as :class:`BoolWord` becomes a str)."""
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {_plain(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, enum.Enum):
         return value.value
+    if isinstance(value, str):
+        return str(value)
     return value
 
 
@@ -212,6 +216,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         raise wrong
     if origin is Literal:
         if isinstance(value, BoolWord) and not any(isinstance(a, bool) for a in args):
+            if str(value) not in args and {"on", "off"} <= set(args):
+                return "on" if value.truth else "off"  # true/True/YES for an on/off choice
             value = str(value)
         if value in args:
             return value

@@ -437,6 +437,8 @@ def read_examples(
         ValueError: the file holds no records, a line is not a JSON object, or a record lacks
             the fields of its format (messages name the file and line or record).
     """
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"max_samples must be at least 1 (None: all records), got {max_samples}")
     records = read_records(path)
     if not records:
         raise ValueError(f"{path}: the file holds no records (it is empty or only blank lines)")

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from mta.errors import DEBUG_HELP, UserError, run_command
-from mta.model_sources import resolve_source
+from mta.model_sources import load_pretrained, resolve_source
 
 __all__ = ["generate", "main", "perplexity", "rouge_l"]
 
@@ -169,9 +169,12 @@ def _examples(opts: argparse.Namespace) -> list[Any]:
     for name, value in (
         ("--max-new-tokens", opts.max_new_tokens),
         ("--batch-size", opts.batch_size),
+        ("--max-samples", 1 if opts.max_samples is None else opts.max_samples),
     ):
         if value < 1:
             raise UserError(f"{name} must be at least 1, got {value}")
+    if opts.max_length < 2:
+        raise UserError(f"--max-length must be at least 2, got {opts.max_length}")
     try:
         examples = read_examples(opts.data, opts.format, opts.template, opts.max_samples)
     except (OSError, TypeError, ValueError) as err:
@@ -204,15 +207,8 @@ def _evaluate(opts: argparse.Namespace) -> int:
 
     device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = opts.dtype if opts.dtype == "auto" else getattr(torch, opts.dtype)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            tokenizer_source.name, local_files_only=tokenizer_source.local_files_only
-        )
-        model = AutoModelForCausalLM.from_pretrained(
-            model_source.name, dtype=dtype, local_files_only=model_source.local_files_only
-        )
-    except (OSError, ValueError) as err:
-        raise UserError(f"--model {opts.model!r}: {err}") from None
+    tokenizer = load_pretrained(AutoTokenizer, tokenizer_source)
+    model = load_pretrained(AutoModelForCausalLM, model_source, dtype=dtype)
     model = model.to(device).eval()
     prompts = [e.prompt for e in examples]
     references = [e.response for e in examples]

@@ -20,18 +20,29 @@ import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 from mta.errors import UserError
 
-__all__ = ["ModelSource", "hub_reachable", "resolve_source"]
+__all__ = ["ModelSource", "hub_reachable", "load_pretrained", "resolve_source"]
 
 Kind = Literal["model", "tokenizer"]
 
 HUB_TIMEOUT_S = 3.0
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+# What a saved fast or slow tokenizer leaves in its folder (any one is enough to try loading).
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 
 
 @dataclass(frozen=True)
@@ -50,9 +61,19 @@ def _offline_env() -> bool:
 
 @functools.cache
 def hub_reachable() -> bool:
-    """One TCP connection to the hub endpoint (``HF_ENDPOINT``), at most a few seconds."""
+    """Whether the hub endpoint (``HF_ENDPOINT``) answers, in at most a few seconds: one TCP
+    connection, or, behind a proxy (``HTTPS_PROXY``/``ALL_PROXY``, which a direct connection
+    would bypass), one HTTP request through huggingface_hub's own client. No retries."""
     from huggingface_hub import constants
 
+    if any(os.environ.get(name) for name in _PROXY_VARIABLES):
+        from huggingface_hub.utils import get_session
+
+        try:
+            get_session().head(constants.ENDPOINT, timeout=HUB_TIMEOUT_S)
+        except Exception:  # any failure to get an answer means: not reachable from here
+            return False
+        return True
     url = urlparse(constants.ENDPOINT)
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
@@ -117,3 +138,19 @@ def resolve_source(key: str, name: str, kind: Kind = "model") -> ModelSource:
         f"Hugging Face cache; download it where there is network (huggingface-cli download "
         f"{name} --local-dir DIR) and set {key}=DIR"
     )
+
+
+def load_pretrained(loader: Any, source: ModelSource, **kwargs: Any) -> Any:
+    """``loader.from_pretrained`` (``AutoTokenizer``, ``AutoModelForCausalLM``, ...) of a checked
+    source, offline where it must be.
+
+    Raises:
+        UserError: naming the setting, when the files cannot be read or describe something the
+            loader cannot build (``OSError``/``ValueError`` from ``from_pretrained``).
+    """
+    try:
+        return loader.from_pretrained(
+            source.name, local_files_only=source.local_files_only, **kwargs
+        )
+    except (OSError, ValueError) as err:
+        raise UserError(f"{source.key} {source.name!r}: {err}") from None

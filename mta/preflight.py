@@ -157,6 +157,12 @@ def check_run(config: RunConfig) -> CheckedRun:
     d, m = config.data, config.model
     if d.max_length < 2:
         raise UserError(f"config key 'data.max_length' must be at least 2, got {d.max_length}")
+    for key in ("max_train_samples", "max_eval_samples"):
+        limit = getattr(d, key)
+        if limit is not None and limit < 1:
+            raise UserError(
+                f"config key 'data.{key}' must be at least 1 (null: all records), got {limit}"
+            )
     train = _examples(config, "data.train_file", d.train_file, d.max_train_samples)
     evaluation = (
         _examples(config, "data.eval_file", d.eval_file, d.max_eval_samples)

@@ -26,6 +26,7 @@ rerun parses only the rest.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -192,6 +193,9 @@ class UnitCache:
                 self.stats.hits += 1
                 continue
             if entry is not None:
+                # dropped now, so that the rewrite below never writes it: its re-parsed
+                # entry replaces it
+                del entries[key]
                 self.stats.stale += 1
                 self._rewrite = True
             todo[key] = seg.text
@@ -214,22 +218,21 @@ class UnitCache:
         entries = self._index()
         pending: list[dict[str, Any]] = []
         meter = Progress(len(todo), self.progress, "texts") if self.progress else None
-        try:
-            for (key, text), units in zip(todo.items(), parsed, strict=True):
-                entry = self._entry(key, text, units)
-                entries[key] = entry
-                found[key] = units
-                pending.append(entry)
-                self.stats.parsed += 1
-                if meter is not None:
-                    meter.update()
-                if len(pending) >= self.batch_size:
-                    self._save(pending)
-                    pending = []
-        finally:
-            self._save(pending)
-            if meter is not None:
-                meter.close()
+        with meter if meter is not None else contextlib.nullcontext():
+            try:
+                for (key, text), units in zip(todo.items(), parsed, strict=True):
+                    entry = self._entry(key, text, units)
+                    entries[key] = entry
+                    found[key] = units
+                    pending.append(entry)
+                    self.stats.parsed += 1
+                    if meter is not None:
+                        meter.update()
+                    if len(pending) >= self.batch_size:
+                        self._save(pending)
+                        pending = []
+            finally:
+                self._save(pending)
 
     def _entry(self, key: str, text: str, units: TextUnits) -> dict[str, Any]:
         entry = {

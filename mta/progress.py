@@ -71,8 +71,8 @@ class Progress:
     def __enter__(self) -> Progress:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        self.close(stopped=exc_type is not None)
 
     def update(self, n: int = 1) -> None:
         self.done += n
@@ -90,22 +90,23 @@ class Progress:
         if self._bar is not None:
             self._bar.set_postfix(values)
 
-    def close(self) -> None:
+    def close(self, stopped: bool = False) -> None:
+        """End the display; ``stopped``: the work ended early (an exception, Ctrl-C)."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
         elif self.total:
-            self._line(final=True)
+            self._line(final="stopped after" if stopped else "done in")
 
-    def _line(self, final: bool = False) -> None:
+    def _line(self, final: str | None = None) -> None:
         elapsed = time.perf_counter() - self._start
         rate = self.done / elapsed if elapsed > 0 else 0.0
         parts = [f"{self.desc} {self.done}/{self.total} {self.unit}"]
         if self.total:
             parts[0] += f" ({100 * self.done / self.total:.0f}%)"
         parts.append(f"{rate:.1f} {self.unit}/s")
-        if final:
-            parts.append(f"done in {format_duration(elapsed)}")
+        if final is not None:
+            parts.append(f"{final} {format_duration(elapsed)}")
         elif rate > 0:
             parts.append(f"ETA {format_duration((self.total - self.done) / rate)}")
         parts += [f"{k}={v}" for k, v in self.postfix.items()]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from training_helpers import TINY, write_tiny_run
 
 import mta.model_sources
@@ -206,6 +207,11 @@ MISTAKES = {
     "max_length too small": Mistake(
         "mta-distill", _distill(data__max_length="1"), "'data.max_length' must be at least 2"
     ),
+    "no samples": Mistake(
+        "mta-distill",
+        _distill(data__max_train_samples="0"),
+        "config key 'data.max_train_samples' must be at least 1 (null: all records), got 0",
+    ),
     "a string where a number goes": Mistake(
         "mta-distill",
         _distill(training__learning_rate="fast"),
@@ -258,6 +264,18 @@ MISTAKES = {
             lambda run, tmp: ["--model", f"{tmp}/student", "--data", f"{tmp}/test.jsonl"],
         ),
         "--model: local directory '{tmp}/student' does not exist",
+    ),
+    "mta-eval: no samples": Mistake(
+        "mta-eval",
+        lambda run, tmp: [
+            "--model",
+            f"{run}/student",
+            "--data",
+            f"{run}/train.jsonl",
+            "--max-samples",
+            "0",
+        ],
+        "--max-samples must be at least 1, got 0",
     ),
     "mta-eval: missing data file": Mistake(
         "mta-eval",
@@ -316,6 +334,23 @@ def test_existing_output_dir_is_allowed_when_asked(run_dir, tmp_path):
     assert checked.args.overwrite_output_dir and checked.layer_pairs
 
 
+def test_tokenizer_folders_of_every_kind_are_accepted(tmp_path):
+    for name in ("vocab.txt", "spiece.model", "merges.txt", "tokenizer.json"):
+        folder = tmp_path / name.replace(".", "_")
+        folder.mkdir()
+        (folder / name).write_text("x")
+        source = mta.model_sources.resolve_source("--tokenizer", str(folder), "tokenizer")
+        assert source.local_files_only and source.name == str(folder)
+
+
+def test_hub_probe_goes_through_a_proxy(monkeypatch):
+    """Behind a proxy a direct connection says nothing: the probe asks through the proxy."""
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # a proxy that refuses at once
+    start = time.perf_counter()
+    assert mta.model_sources.hub_reachable() is False
+    assert time.perf_counter() - start < 10
+
+
 def test_string_keys_take_yaml_boolean_words(run_dir):
     """Every string-typed key takes no/off/yes/on as the word typed; boolean keys their truth."""
     overrides = _overrides(run_dir)
@@ -341,7 +376,14 @@ def test_string_keys_take_yaml_boolean_words(run_dir):
     assert config.training["use_cpu"] is True and config.mta.enabled is True
     assert config.training["fsdp_config"] == {"limit_all_gathers": True}
     assert type(config.training["save_strategy"]) is str  # a plain str, YAML-dumpable
-    load_config(TINY, [*overrides, "training.save_strategy=no"]).to_dict()
+    # an on/off choice also takes the other words YAML reads as booleans
+    for word, expected in (("true", "on"), ("On", "on"), ("FALSE", "off"), ("no", "off")):
+        fused = load_config(TINY, [*overrides, f"training.fused_lm_head={word}"])
+        assert fused.training["fused_lm_head"] == expected, word
+    # keys inside an untyped mapping are names, kept as the word typed; everything dumps
+    kwargs = load_config(TINY, [*overrides, "training.lr_scheduler_kwargs={yes: 1, on: no}"])
+    assert kwargs.training["lr_scheduler_kwargs"] == {"yes": 1, "on": False}
+    assert yaml.safe_load(yaml.safe_dump(kwargs.to_dict()))["training"]["lr_scheduler_kwargs"]
 
 
 @pytest.mark.parametrize(

@@ -276,6 +276,16 @@ def test_rewrite_after_corrupt_lines_happens_once_then_appends(tmp_path, nlp):
     assert sorted(e["key"] for e in lines(path)) == sorted(P.text_key(t) for t in MANY)
 
 
+def test_stale_entries_are_replaced_not_duplicated(tmp_path, nlp):
+    path = tmp_path / "units.jsonl"
+    P.UnitCache(path, nlp, max_phrase_tokens=5).units(MANY[:6])
+    cache = P.UnitCache(path, nlp, max_phrase_tokens=8, batch_size=2)
+    assert cache.units(MANY[:6]) == S.extract_units(MANY[:6], nlp, max_phrase_tokens=8)
+    assert cache.stats.stale == 6
+    entries = lines(path)
+    assert len(entries) == 6 and {e["cfg"]["max_phrase_tokens"] for e in entries} == {8}
+
+
 def test_cli_interrupt_keeps_the_parsed_texts(tmp_path, nlp, monkeypatch, capsys):
     data, cache = tmp_path / "data.jsonl", tmp_path / "units.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in MANY))

@@ -58,3 +58,13 @@ def test_bar_on_a_terminal():
     text = stream.getvalue()
     assert "\r" in text and "3/3" in text and "job" in text  # tqdm redraws in place
     assert "done in" not in text
+
+
+def test_a_stopped_run_says_so():
+    stream = io.StringIO()
+    with pytest.raises(KeyboardInterrupt), Progress(10, "job", stream=stream, every_s=3600) as p:
+        p.update(3)
+        raise KeyboardInterrupt
+    assert re.fullmatch(
+        r"job 3/10 items \(30%\), [\d.]+ items/s, stopped after \d+ s\n", stream.getvalue()
+    )
