@@ -76,7 +76,7 @@ PRESETS = {
 
 
 def key_layers(n_student: int, n_teacher: int, num_key_layers: int = 3) -> list[tuple[int, int]]:
-    """(student, teacher) hidden-state indices, lowest first (DESIGN §2's default plan).
+    """(student, teacher) hidden-state indices, lowest first (docs/design.md §2's default plan).
 
     Student layers top-down from the last with stride ``n_student // (num_key_layers + 1)``
     (GPT-2 12 layers: 6, 9, 12); teacher layer ``floor(l · n_teacher / n_student)``.

@@ -1,16 +1,17 @@
 """Speed and memory of every MTA op, and of the whole MTA loss of one step, per provider.
 
-Providers (DESIGN §4): ``eager`` = ``mta_kernels.reference``, ``compile`` = ``torch.compile`` of the
-same reference code, ``mta`` = the public ``mta_kernels`` ops (Triton on CUDA). Modes: ``forward``,
-``backward`` (the forward is run untimed, then ``backward(retain_graph=True)`` is timed), ``full``.
-Ops that produce teacher-side quantities without a gradient (``token_importance``,
-``span_weights``) have the forward mode only.
+Providers (docs/design.md §4): ``eager`` = ``mta_kernels.reference``, ``compile`` =
+``torch.compile`` of the same reference code, ``mta`` = the public ``mta_kernels`` ops (Triton on
+CUDA). Modes: ``forward``, ``backward`` (the forward is run untimed, then
+``backward(retain_graph=True)`` is timed), ``full``. Ops that produce teacher-side quantities
+without a gradient (``token_importance``, ``span_weights``) have the forward mode only.
 
-``mta_loss`` is the MTA term of one training step (DESIGN §2), written once in :func:`mta_loss`
-for any op namespace: 3 layer pairs (one word-level with ``K`` units, two phrase-level with
-``K // 3``), teacher token importance per teacher layer, student and teacher pooled with the
-teacher's ``w``, span weights, the structural loss per pair, and the hidden alignment loss on the
-student projected by a ``d_S -> d_T`` linear map. In the CSV its ``K`` is the word-unit count.
+``mta_loss`` is the MTA term of one training step (docs/design.md §2), written once in
+:func:`mta_loss` for any op namespace: 3 layer pairs (one word-level with ``K`` units, two
+phrase-level with ``K // 3``), teacher token importance per teacher layer, student and teacher
+pooled with the teacher's ``w``, span weights, the structural loss per pair, and the hidden
+alignment loss on the student projected by a ``d_S -> d_T`` linear map. In the CSV its ``K`` is the
+word-unit count.
 
 Usage::
 
@@ -315,7 +316,8 @@ def _op_work(op: str, s: Shape, elt: int) -> list[tuple[Work, Work | None]]:
 
     Model: every input read once, every output written once (fp32 outputs, int64 spans, bool
     masks); Gram products count ``2·m·n·k`` flops; the structural loss counts the cheaper of the
-    K×K Gram form and the d×d form (DESIGN §3); the backward counts only the student gradient.
+    K×K Gram form and the d×d form (docs/design.md §3); the backward counts only the student
+    gradient.
     """
     B, T = s.B, s.T
     tok = B * T * 5  # fp32 token weights + a mask byte per token

@@ -47,7 +47,7 @@ _common, hidden_alignment, pairwise_distance, span_pool, structural_loss, token_
 )
 
 F32, BF16, I32 = "*fp32", "*bf16", "*i32"
-# Paper shapes (DESIGN §4): T = 512, d_S = 768, d_T = 1600.
+# Paper shapes (docs/design.md §4): T = 512, d_S = 768, d_T = 1600.
 TOKENS, WIDTH_S, WIDTH_T = 512, 768, 1600
 
 

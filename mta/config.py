@@ -136,7 +136,7 @@ class DataConfig:
 
 @dataclass
 class MTAConfig:
-    """The MTA term (DESIGN §2): loss weights, metric, layer plan."""
+    """The MTA term (docs/design.md §2): loss weights, metric, layer plan."""
 
     enabled: bool = True
     lambda_dsa: float = 2.0

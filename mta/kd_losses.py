@@ -1,4 +1,4 @@
-"""Base distillation losses on response tokens (the ``L_base`` of DESIGN §2 Eq. 14).
+"""Base distillation losses on response tokens (the ``L_base`` of docs/design.md §2 Eq. 14).
 
 With ``p = softmax(z_T / τ)`` the teacher's and ``q = softmax(z_S / τ)`` the student's next-token
 distribution at one response position, the per-token losses are

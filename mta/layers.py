@@ -4,7 +4,7 @@ Indices are Hugging Face ``hidden_states`` indices: ``0`` is the embedding outpu
 output of block ``l``, so a model with ``n`` blocks has valid key layers ``1..n`` (the embeddings
 are never aligned).
 
-Default rule (DESIGN §2 "Layer plan"):
+Default rule (docs/design.md §2 "Layer plan"):
 
 * ``K = num_key_layers`` student key layers are taken top-down from the last layer with a stride:
   ``n_S, n_S - stride, …, n_S - (K - 1)·stride``.

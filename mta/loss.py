@@ -1,4 +1,4 @@
-"""The MTA loss module: DSA and HRA over the aligned layer pairs (DESIGN §2, Eq. 5–14).
+"""The MTA loss module: DSA and HRA over the aligned layer pairs (docs/design.md §2, Eq. 5–14).
 
 For each :class:`~mta.layers.LayerPair` ``(l, l', g)`` with student states ``H^S = hs_S[l]`` and
 teacher states ``H^T = hs_T[l']`` (detached):

@@ -1,6 +1,6 @@
 """Linguistic units of a text (words, noun and verb phrases) and their token ranges.
 
-Units are defined on the *text* (DESIGN §2, "Linguistic units"), as half-open character spans
+Units are defined on the *text* (docs/design.md §2, "Units"), as half-open character spans
 ``[start, end)``, so the same ``K`` units can be mapped onto any tokenizer's tokens: the teacher's
 and the student's. The pipeline is
 

@@ -1,5 +1,5 @@
 """``MTATrainer``: a ``transformers.Trainer`` that distills a frozen teacher into a student with
-a base KD loss plus the MTA term (DESIGN §2 Eq. 14)::
+a base KD loss plus the MTA term (docs/design.md §2 Eq. 14)::
 
     L = L_base(student_logits, teacher_logits, labels) + λ_DSA·L_DSA + λ_HRA·L_HRA
 

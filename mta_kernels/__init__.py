@@ -1,6 +1,6 @@
 """Fused Triton kernels, with hand-written backward passes, for MTA distillation losses.
 
-Public ops (shapes and equations in each docstring and in DESIGN §2):
+Public ops (shapes and equations in each docstring and in docs/design.md §2):
 
 * :func:`token_importance` — teacher token importance ``w`` [B, T] (Eq. 5–7), no T×T matrix.
 * :func:`span_pool` — weighted span pooling [B, K, d] (Eq. 8), no K×T matrix.

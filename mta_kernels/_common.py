@@ -1,9 +1,9 @@
 """Helpers shared by the fused ops: dispatch, launch utilities and the row-normalization kernels.
 
-Dispatch (DESIGN §3): CUDA tensors run the Triton kernels; CPU tensors run the eager reference,
-unless ``TRITON_INTERPRET=1`` was set before Triton was imported, in which case the Triton kernels
-run on CPU through the interpreter (that is how CI checks them). float64 inputs always take the
-reference, which is what ``torch.autograd.gradcheck`` exercises.
+Dispatch (docs/design.md §3): CUDA tensors run the Triton kernels; CPU tensors run the eager
+reference, unless ``TRITON_INTERPRET=1`` was set before Triton was imported, in which case the
+Triton kernels run on CPU through the interpreter (that is how CI checks them). float64 inputs
+always take the reference, which is what ``torch.autograd.gradcheck`` exercises.
 """
 
 import contextlib

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-# Numerical guards of DESIGN §2.
+# Numerical guards of docs/design.md §2.
 STD_EPS = 1e-8  # token importance: H / (std + eps); cosine of hidden states: max(norm, eps)
 DENOM_EPS = 1e-8  # span pooling and span weights: max(sum of weights, eps)
 NORM_EPS = 1e-12  # cosine distance: U / max(norm, eps)

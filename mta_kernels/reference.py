@@ -1,7 +1,7 @@
 """Eager PyTorch references of every MTA op: the executable specification.
 
-Each function is written straight from the equations of DESIGN §2, favouring clarity over speed
-(they build the T×T, K×T and K×K matrices the fused kernels avoid). They accept any floating
+Each function is written straight from the equations of docs/design.md §2, favouring clarity over
+speed (they build the T×T, K×T and K×K matrices the fused kernels avoid). They accept any floating
 dtype, compute in float32 (or float64 when given float64, which the gradient checks use) and are
 what the Triton kernels, ``torch.compile`` and the benchmarks are compared against.
 

@@ -6,8 +6,8 @@ import torch
 from torch import Tensor
 
 FUSED_DTYPES = (torch.float32, torch.float16)
-"""Dtypes the fused kernels are checked in everywhere; bf16 only on CUDA (DESIGN §6: ``tl.dot``
-on bf16 is wrong in the Triton interpreter)."""
+"""Dtypes the fused kernels are checked in everywhere; bf16 only on CUDA (docs/design.md §6:
+``tl.dot`` on bf16 is wrong in the Triton interpreter)."""
 
 
 def rel_error(actual: Tensor, expected: Tensor) -> float:

@@ -1,4 +1,4 @@
-"""Layer plan: the default rule (DESIGN §2), explicit pairs, and input errors."""
+"""Layer plan: the default rule (docs/design.md §2), explicit pairs, and input errors."""
 
 from __future__ import annotations
 

@@ -83,7 +83,7 @@ def reference_ops(monkeypatch: pytest.MonkeyPatch) -> None:
 def _hand_composed(
     module: MTALoss, student, teacher, batch, cross: bool
 ) -> dict[str, torch.Tensor]:
-    """DESIGN §2 composed directly from mk.reference, with a [B, K, T] membership for c_t."""
+    """docs/design.md §2 composed from mk.reference, with a [B, K, T] membership for c_t."""
     student_mask = batch["attention_mask"]
     teacher_mask = batch["teacher_attention_mask"] if cross else student_mask
     out = {}
@@ -240,7 +240,8 @@ def test_mapping_of_needed_layers_equals_full_list() -> None:
     torch.testing.assert_close(sparse.loss, full.loss, rtol=0, atol=0)
 
 
-@pytest.mark.usefixtures("reference_ops")  # the interpreter's tl.dot is wrong on bf16 (DESIGN §6)
+# the interpreter's tl.dot is wrong on bf16 (docs/design.md §6)
+@pytest.mark.usefixtures("reference_ops")
 def test_bf16_states_and_autocast_stay_float32() -> None:
     """bf16 hidden states are computed on in fp32 (same values as upcasting them first), and an
     enclosing bf16 autocast changes nothing. Tolerance 1e-6: identical fp32 ops."""

@@ -1,6 +1,6 @@
 """The eager references against independent float64 loops, hand-computed tables and gradcheck.
 
-The loops below are written per example and per pair straight from DESIGN §2, deliberately
+The loops below are written per example and per pair straight from docs/design.md §2, deliberately
 unlike the vectorized references, so that a shared mistake is unlikely.
 """
 
