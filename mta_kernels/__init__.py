@@ -14,8 +14,8 @@ Triton kernels through the interpreter when ``TRITON_INTERPRET=1`` is set before
 """
 
 from mta_kernels import reference
-from mta_kernels._common import prefer_reference, set_fp32_matmul_precision
-from mta_kernels._validation import assume_valid_spans, check_spans
+from mta_kernels._switches import assume_valid_spans, prefer_reference, set_fp32_matmul_precision
+from mta_kernels._validation import check_spans
 from mta_kernels.hidden_alignment import hidden_alignment_loss
 from mta_kernels.pairwise_distance import pairwise_distance
 from mta_kernels.span_pool import span_pool, span_weights

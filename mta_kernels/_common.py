@@ -8,8 +8,7 @@ always take the reference, which is what ``torch.autograd.gradcheck`` exercises.
 
 import contextlib
 import functools
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TypeVar
 
 import torch
@@ -17,26 +16,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from mta_kernels._switches import SWITCHES
 from mta_kernels._validation import NORM_EPS
-
-INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-# Small tiles keep the interpreter fast. Tests set this to False to run the GPU tile sizes (and
-# their masks) on CPU too.
-SMALL_BLOCKS = INTERPRETER
-
-# Precision of ``tl.dot`` on fp32 operands: "tf32x3" (default) splits each operand into a tf32
-# head and tail and runs three tensor-core products, close to fp32 accuracy (~1e-6 relative);
-# "ieee" is exact fp32 on CUDA cores (slow); "tf32" is fastest with ~1e-3 relative error. bf16
-# operands always use tensor cores with fp32 accumulation. The interpreter computes every dot
-# exactly whatever the setting.
-_FP32_DOT_PRECISION = "tf32x3"
 
 _F = TypeVar("_F", bound=Callable)
 
 
 def small_blocks() -> bool:
-    return SMALL_BLOCKS
+    return SWITCHES.small_blocks
 
 
 def on_input_device(launcher: _F) -> _F:
@@ -56,45 +43,14 @@ def on_input_device(launcher: _F) -> _F:
     return wrapper  # type: ignore[return-value]
 
 
-def set_fp32_matmul_precision(precision: str) -> None:
-    """How ``tl.dot`` treats fp32 operands: ``"tf32x3"`` (default), ``"ieee"`` or ``"tf32"``."""
-    global _FP32_DOT_PRECISION
-    if precision not in ("ieee", "tf32x3", "tf32"):
-        raise ValueError(f"precision must be 'ieee', 'tf32x3' or 'tf32', got {precision!r}")
-    _FP32_DOT_PRECISION = precision
-
-
 def dot_precision() -> str:
-    return _FP32_DOT_PRECISION
-
-
-# Tests set this to fill every kernel output with NaN before launch, so that an element a kernel
-# forgets to write fails the comparison instead of passing by luck.
-POISON_OUTPUTS = False
+    return SWITCHES.fp32_dot_precision
 
 
 def empty_output(*shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``torch.empty`` for kernel outputs (NaN-filled when :data:`POISON_OUTPUTS` is set)."""
+    """``torch.empty`` for kernel outputs (NaN-filled when ``SWITCHES.poison_outputs``)."""
     out = torch.empty(*shape, dtype=dtype, device=device)
-    return out.fill_(float("nan")) if POISON_OUTPUTS else out
-
-
-# A plain module global, not a ContextVar: Dynamo traces global reads (and guards on them) but not
-# ContextVar.get, and use_triton runs inside compiled graphs.
-_PREFER_REFERENCE_DEPTH = 0
-
-
-@contextlib.contextmanager
-def prefer_reference() -> Iterator[None]:
-    """Inside this block CPU tensors take the eager reference even when ``TRITON_INTERPRET=1``
-    (CUDA tensors still run the Triton kernels). For code that runs whole models on CPU, where
-    the interpreter would be needlessly slow. Process-wide, not per thread."""
-    global _PREFER_REFERENCE_DEPTH
-    _PREFER_REFERENCE_DEPTH += 1
-    try:
-        yield
-    finally:
-        _PREFER_REFERENCE_DEPTH -= 1
+    return out.fill_(float("nan")) if SWITCHES.poison_outputs else out
 
 
 def use_triton(*tensors: Tensor | None) -> bool:
@@ -106,7 +62,7 @@ def use_triton(*tensors: Tensor | None) -> bool:
         return False
     device = present[0].device
     if device.type == "cpu":
-        return INTERPRETER and _PREFER_REFERENCE_DEPTH == 0
+        return SWITCHES.interpreter and SWITCHES.prefer_reference == 0
     return device.type == "cuda"
 
 

@@ -8,12 +8,10 @@ the device (one host synchronization per call).
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Iterator
-
 import torch
 from torch import Tensor
+
+from mta_kernels._switches import SWITCHES
 
 # Numerical guards of docs/design.md §2.
 STD_EPS = 1e-8  # token importance: H / (std + eps); cosine of hidden states: max(norm, eps)
@@ -25,25 +23,6 @@ REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int32, torch.int64)
 MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-
-
-_SPAN_RANGE_CHECKS = contextvars.ContextVar("mta_span_range_checks", default=True)
-
-
-@contextlib.contextmanager
-def assume_valid_spans() -> Iterator[None]:
-    """Skip the span *range* check (and its host synchronization) inside this block.
-
-    For callers that validated their spans once (``check_spans``) and then call several ops with
-    them, as :class:`mta.loss.MTALoss` does. Shape and dtype checks still run, and the kernels
-    clamp ranges into ``[0, T]``, so an unchecked bad span can give a wrong value, never an
-    illegal memory access.
-    """
-    token = _SPAN_RANGE_CHECKS.set(False)
-    try:
-        yield
-    finally:
-        _SPAN_RANGE_CHECKS.reset(token)
 
 
 def _describe(t: Tensor) -> str:
@@ -116,7 +95,7 @@ def check_spans(spans: Tensor, span_mask: Tensor, batch: int, num_tokens: int) -
     if spans.dim() != 3 or spans.shape[0] != batch or spans.shape[2] != 2:
         raise ValueError(f"spans must have shape [B={batch}, K, 2], got {tuple(spans.shape)}")
     check_span_mask(span_mask, (batch, spans.shape[1]))
-    if spans.numel() == 0 or torch.compiler.is_compiling() or not _SPAN_RANGE_CHECKS.get():
+    if spans.numel() == 0 or torch.compiler.is_compiling() or not SWITCHES.span_range_checks:
         return  # compiled graphs skip the value check; the kernels clamp ranges into [0, T]
     valid = span_mask.bool()
     starts, ends = spans[..., 0], spans[..., 1]

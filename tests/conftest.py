@@ -19,9 +19,9 @@ if not HAS_CUDA:
         )
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import mta_kernels._common as kernel_common  # noqa: E402  (after TRITON_INTERPRET)
+from mta_kernels._switches import SWITCHES  # noqa: E402  (after TRITON_INTERPRET)
 
-kernel_common.POISON_OUTPUTS = True
+SWITCHES.poison_outputs = True  # an output element a kernel forgets to write fails a comparison
 
 FUSED_DEVICE = "cuda" if HAS_CUDA else "cpu"
 

@@ -10,15 +10,15 @@ import torch
 from helpers import check_against_reference, random_spans
 
 import mta_kernels as mk
-import mta_kernels._common as kernel_common
 from mta_kernels import reference as ref
+from mta_kernels._switches import SWITCHES
 
 pytestmark = pytest.mark.kernels
 
 
 @pytest.fixture(autouse=True)
 def gpu_tiles(monkeypatch):
-    monkeypatch.setattr(kernel_common, "SMALL_BLOCKS", False)
+    monkeypatch.setattr(SWITCHES, "small_blocks", False)
 
 
 def test_token_importance(device, seed):
