@@ -63,7 +63,7 @@ def use_triton(*tensors: Tensor | None) -> bool:
     device = present[0].device
     if device.type == "cpu":
         return SWITCHES.interpreter and SWITCHES.prefer_reference == 0
-    return device.type == "cuda"
+    return device.type == "cuda" and SWITCHES.prefer_reference_cuda == 0
 
 
 def contiguous(t: Tensor) -> Tensor:

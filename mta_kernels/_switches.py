@@ -3,7 +3,8 @@
 * ``interpreter``: ``TRITON_INTERPRET=1`` was set when Triton was imported, so CPU tensors may run
   the kernels (read once, at import).
 * ``prefer_reference``: above 0, CPU tensors take the eager reference anyway
-  (:func:`prefer_reference`, which nests).
+  (:func:`prefer_reference`, which nests); ``prefer_reference_cuda``: the same for CUDA tensors
+  (``prefer_reference(cuda=True)``: benchmarks and counts of the eager path on a GPU).
 * ``span_range_checks``: the span range check, one host synchronization per op
   (:func:`assume_valid_spans` turns it off).
 * ``fp32_dot_precision``: how ``tl.dot`` treats fp32 operands (:func:`set_fp32_matmul_precision`).
@@ -45,6 +46,7 @@ class Switches:
 
     interpreter: bool
     prefer_reference: int = 0
+    prefer_reference_cuda: int = 0
     span_range_checks: bool = True
     fp32_dot_precision: str = "tf32x3"
     small_blocks: bool = False
@@ -56,15 +58,18 @@ SWITCHES = Switches(interpreter=_interpreter, small_blocks=_interpreter)
 
 
 @contextlib.contextmanager
-def prefer_reference() -> Iterator[None]:
+def prefer_reference(cuda: bool = False) -> Iterator[None]:
     """Inside this block CPU tensors take the eager reference even when ``TRITON_INTERPRET=1``
-    (CUDA tensors still run the Triton kernels). For code that runs whole models on CPU, where
-    the interpreter would be needlessly slow. Process-wide, not per thread."""
+    — for code that runs whole models on CPU, where the interpreter would be needlessly slow —
+    and, with ``cuda=True``, CUDA tensors too (to measure the eager path on a GPU); otherwise CUDA
+    tensors still run the Triton kernels. Process-wide, not per thread."""
     SWITCHES.prefer_reference += 1
+    SWITCHES.prefer_reference_cuda += int(cuda)
     try:
         yield
     finally:
         SWITCHES.prefer_reference -= 1
+        SWITCHES.prefer_reference_cuda -= int(cuda)
 
 
 @contextlib.contextmanager
