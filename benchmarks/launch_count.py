@@ -1,8 +1,10 @@
 """Device launches and host synchronizations of one MTA step, counted on any machine.
 
 The step is ``MTALoss`` forward and backward for three layer pairs — one word-level pair with 30
-units, two phrase-level pairs with 12 — at ``B = 2, T = 64`` (a shared tokenizer), run twice: with
-the fused ops (Triton kernels; through the interpreter on a CPU) and with the eager reference ops.
+units, two phrase-level pairs with 12 — at ``B = 2, T = 64`` (a shared tokenizer), on the batch's
+:class:`~mta.unit_plan.UnitPlan` as the collator builds it (on the CPU, outside the step), run
+twice: with the fused ops (Triton kernels; through the interpreter on a CPU) and with the eager
+reference ops.
 What a GPU would be asked to do is counted while it runs:
 
 * **Triton launches**: every ``kernel[grid](...)`` call (interpreter or compiled).
@@ -48,6 +50,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import mta_kernels as mk
 from mta.layers import LayerPair
 from mta.loss import MTALoss
+from mta.unit_plan import UnitPlan
 
 RESULTS = Path(__file__).resolve().parent / "results" / "launch_count.csv"
 COLUMNS = ("path", "triton", "aten", "launches", "host_syncs", "host_to_device", "detail")
@@ -196,8 +199,9 @@ def _spans(count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.
     return spans, mask
 
 
-def step_inputs(device: torch.device) -> tuple[MTALoss, dict, dict, dict]:
-    """(loss module, student and teacher hidden states, batch) of the counted step."""
+def step_inputs(device: torch.device) -> tuple[MTALoss, dict, dict, UnitPlan]:
+    """(loss module, student and teacher hidden states, the batch's unit plan — built on the
+    CPU, as the collator builds it, then moved to ``device``) of the counted step."""
     generator = torch.Generator().manual_seed(0)
     loss = MTALoss(STUDENT_WIDTH, TEACHER_WIDTH, PAIRS).to(device)
     student = {
@@ -216,7 +220,7 @@ def step_inputs(device: torch.device) -> tuple[MTALoss, dict, dict, dict]:
     for g, k in (("word", WORD_UNITS), ("phrase", PHRASE_UNITS)):
         spans, mask = _spans(k, generator)
         batch[f"{g}_student_spans"], batch[f"{g}_span_mask"] = spans, mask
-    return loss, student, teacher, {k: v.to(device) for k, v in batch.items()}
+    return loss, student, teacher, UnitPlan.from_batch(batch).to(device)
 
 
 def count_step(path: str, device: torch.device) -> Counts:
@@ -278,11 +282,35 @@ def read_csv(path: Path) -> list[dict[str, object]]:
         ]
 
 
+def markdown_table(path: Path) -> str:
+    """The committed counts as a Markdown table (for the README)."""
+    lines = [
+        f"Counted by `python -m benchmarks.launch_count --out {Path(path).as_posix()}` "
+        "(exact counts; one step = MTALoss forward + backward, 3 layer pairs, B=2, T=64; "
+        "budget: 60 launches, 0 host syncs).",
+        "",
+        "| path | launches | Triton | ATen | host syncs | host-to-device copies | most frequent |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in read_csv(path):
+        lines.append(
+            f"| {r['path']} | {r['launches']} | {r['triton']} | {r['aten']} | "
+            f"{r['host_syncs']} | {r['host_to_device']} | {r['detail']} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None, help="write the CSV here")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--markdown", type=Path, metavar="CSV", help="print the table of a counts CSV and exit"
+    )
     args = p.parse_args(argv)
+    if args.markdown is not None:
+        print(markdown_table(args.markdown))
+        return 0
     table = rows(torch.device(args.device))
     if args.out is not None:
         write_csv(args.out, table)

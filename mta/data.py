@@ -19,8 +19,9 @@ same text is tokenized a second time and each unit is mapped to both tokenizatio
 
 :class:`DistillationCollator` pads a batch on the right: ``input_ids``, ``attention_mask``,
 ``labels`` (``-100`` on padding), ``teacher_input_ids`` / ``teacher_attention_mask`` with a second
-tokenizer, and the unit keys of the cross-module contract (``{g}_student_spans``,
-``{g}_teacher_spans``, ``{g}_span_mask``).
+tokenizer, and the unit keys (``{g}_student_spans``, ``{g}_teacher_spans``, ``{g}_span_mask``)
+with the batch's :class:`~mta.unit_plan.UnitPlan` built from them (``"unit_plan"``), which is what
+:class:`~mta.loss.MTALoss` reads.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from mta.spans import (
     fill_template,
     pad_unit_spans,
 )
+from mta.unit_plan import PLAN_KEY, UnitPlan
 
 __all__ = [
     "FORMATS",
@@ -343,7 +345,8 @@ class DistillationCollator:
     Returns ``input_ids`` / ``attention_mask`` / ``labels`` LongTensor[B, T] (labels ``-100`` on
     padding), ``teacher_input_ids`` / ``teacher_attention_mask`` [B, T'] when the items carry them,
     and the unit keys (``{g}_student_spans`` / ``{g}_teacher_spans`` LongTensor[B, K_g, 2],
-    ``{g}_span_mask`` BoolTensor[B, K_g]) when the items carry units.
+    ``{g}_span_mask`` BoolTensor[B, K_g]) with their validated :class:`~mta.unit_plan.UnitPlan`
+    (``"unit_plan"``) when the items carry units.
     """
 
     pad_token_id: int
@@ -375,6 +378,8 @@ class DistillationCollator:
             ).long()
         if f"{GRANULARITIES[0]}_student_spans" in features[0]:
             batch.update(pad_unit_spans(features))
+            # validated and prepared here, on the CPU: the loss then reads nothing back
+            batch[PLAN_KEY] = UnitPlan.from_batch(batch)
         return batch
 
 

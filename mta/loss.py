@@ -28,12 +28,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 import mta_kernels as mk
 from mta.layers import GRANULARITIES, LayerPair, LayerPairLike, parse_layer_pairs
+from mta.unit_plan import PLAN_KEY, UnitPlan
 
 __all__ = ["MTALoss", "MTALossOutput"]
 
@@ -48,15 +50,6 @@ class MTALossOutput:
 
     loss: Tensor
     components: dict[str, Tensor]
-
-
-def _batch_tensor(batch: Mapping[str, Tensor], key: str, what: str) -> Tensor:
-    if key not in batch:
-        raise ValueError(f"batch is missing {key!r} ({what})")
-    value = batch[key]
-    if not isinstance(value, Tensor):
-        raise TypeError(f"batch[{key!r}] must be a torch.Tensor, got {type(value).__name__}")
-    return value
 
 
 def _hidden(states: HiddenStates, layer: int, name: str, shape: tuple[int, int, int]) -> Tensor:
@@ -78,44 +71,6 @@ def _hidden(states: HiddenStates, layer: int, name: str, shape: tuple[int, int, 
             f"{name}[{layer}] must have shape [B, T, d] = {shape}, got {tuple(hidden.shape)}"
         )
     return hidden
-
-
-def _coverage(spans: Tensor, span_mask: Tensor, attention_mask: Tensor) -> Tensor:
-    """``c_t``: valid token covered by at least one valid span, [B, T] bool.
-
-    A difference array (+1 at each valid start, −1 at its end) and a cumulative sum over ``T``:
-    ``O(B·(K + T))``, no ``[B, K, T]`` membership matrix.
-    """
-    batch, num_tokens = attention_mask.shape
-    valid = span_mask.bool()
-    ones = valid.to(torch.int32)
-    delta = torch.zeros(batch, num_tokens + 1, dtype=torch.int32, device=spans.device)
-    # Invalid spans add 0 at index 0, whatever their (unchecked) padding values.
-    delta.scatter_add_(1, spans[..., 0].long() * valid, ones)
-    delta.scatter_add_(1, spans[..., 1].long() * valid, -ones)
-    return (delta.cumsum(dim=1)[:, :num_tokens] > 0) & attention_mask.bool()
-
-
-def _unit_tensors(
-    batch: Mapping[str, Tensor],
-    granularities: Sequence[str],
-    cross: bool,
-    student_tokens: tuple[int, int],
-    teacher_tokens: tuple[int, int],
-) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
-    """``{g: (student spans, teacher spans, span mask)}`` from the collator's batch keys, each
-    validated once against its tokenization ([B, T] of the student / the teacher)."""
-    units = {}
-    for g in granularities:
-        what = f"from the collator in mta.spans; needed by the layer pairs with {g} units"
-        student_spans = _batch_tensor(batch, f"{g}_student_spans", what)
-        teacher_spans = _batch_tensor(batch, f"{g}_teacher_spans", what) if cross else student_spans
-        span_mask = _batch_tensor(batch, f"{g}_span_mask", what)
-        mk.check_spans(student_spans, span_mask, *student_tokens)
-        if cross:
-            mk.check_spans(teacher_spans, span_mask, *teacher_tokens)
-        units[g] = (student_spans, teacher_spans, span_mask)
-    return units
 
 
 class MTALoss(nn.Module):
@@ -199,7 +154,7 @@ class MTALoss(nn.Module):
         self,
         student_hidden_states: HiddenStates,
         teacher_hidden_states: HiddenStates,
-        batch: Mapping[str, Tensor],
+        batch: UnitPlan | Mapping[str, Any],
     ) -> MTALossOutput:
         """MTA loss of one batch.
 
@@ -208,91 +163,79 @@ class MTALoss(nn.Module):
                 each [B, T, d_S], or a mapping ``{layer: tensor}`` with the aligned layers.
             teacher_hidden_states: the same for the teacher, [B, T', d_T] (``T' = T`` with a
                 shared tokenizer); used detached.
-            batch: ``attention_mask`` [B, T] and, per needed granularity ``g``,
+            batch: the batch's :class:`~mta.unit_plan.UnitPlan` (built and validated where the
+                batch was collated: then the loss reads nothing back from the device), or a
+                collated batch holding one under ``"unit_plan"``, or the plan's keys themselves
+                (``attention_mask`` [B, T] and, per needed granularity ``g``,
                 ``g_student_spans`` [B, K_g, 2] and ``g_span_mask`` [B, K_g]; with different
-                tokenizers also ``teacher_attention_mask`` [B, T'] and ``g_teacher_spans``.
+                tokenizers also ``teacher_attention_mask`` [B, T'] and ``g_teacher_spans``),
+                from which the plan is built here.
         """
-        attention_mask = _batch_tensor(
-            batch, "attention_mask", "the student's attention mask [B, T]"
-        )
+        plan = self.plan(batch)
+        device = _hidden_device(student_hidden_states)
+        if plan.device != device:
+            plan = plan.to(device)
         # Autocast (e.g. the Trainer's bf16 mixed precision) would run the ops' matmuls and the
         # projections in bf16: MTA quantities are float32 by design.
-        with torch.autocast(attention_mask.device.type, enabled=False):
-            return self._forward(
-                student_hidden_states, teacher_hidden_states, batch, attention_mask
-            )
+        with torch.autocast(device.type, enabled=False):
+            return self._forward(student_hidden_states, teacher_hidden_states, plan)
+
+    def plan(self, batch: UnitPlan | Mapping[str, Any]) -> UnitPlan:
+        """The :class:`~mta.unit_plan.UnitPlan` of ``batch`` (see :meth:`forward`)."""
+        if isinstance(batch, UnitPlan):
+            return batch
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"batch must be a UnitPlan or a mapping, got {type(batch).__name__}")
+        plan = batch.get(PLAN_KEY)
+        if plan is None:
+            return UnitPlan.from_batch(batch, self.granularities)
+        if not isinstance(plan, UnitPlan):
+            raise TypeError(f"batch[{PLAN_KEY!r}] must be a UnitPlan, got {type(plan).__name__}")
+        return plan
 
     def _forward(
         self,
         student_hidden_states: HiddenStates,
         teacher_hidden_states: HiddenStates,
-        batch: Mapping[str, Tensor],
-        attention_mask: Tensor,
+        plan: UnitPlan,
     ) -> MTALossOutput:
-        cross = "teacher_attention_mask" in batch or "teacher_input_ids" in batch
-        teacher_mask = (
-            _batch_tensor(
-                batch,
-                "teacher_attention_mask",
-                "the teacher's attention mask [B, T'], needed when the batch has teacher tokens",
-            )
-            if cross
-            else attention_mask
-        )
-        if attention_mask.dim() != 2 or teacher_mask.dim() != 2:
-            raise ValueError("attention_mask and teacher_attention_mask must have shape [B, T]")
-        units = _unit_tensors(
-            batch, self.granularities, cross, tuple(attention_mask.shape), tuple(teacher_mask.shape)
-        )
-        student_shape = (*attention_mask.shape, self.student_hidden_size)
+        cross = plan.cross_tokenizer
+        teacher_mask = plan.teacher_attention_mask if cross else plan.attention_mask
+        student_shape = (*plan.attention_mask.shape, self.student_hidden_size)
         teacher_shape = (*teacher_mask.shape, self.teacher_hidden_size)
+        units = {g: plan[g] for g in self.granularities}
 
         importance: dict[int, Tensor] = {}
-        coverage: dict[str, Tensor] = {}
         dsa_terms: dict[str, Tensor] = {}
         hra_terms: dict[str, Tensor] = {}
-        # The spans were validated once above: skip the per-op range checks (host syncs).
-        with mk.assume_valid_spans():
-            for pair in self.layer_pairs:
-                h_s = _hidden(
-                    student_hidden_states,
-                    pair.student_layer,
-                    "student_hidden_states",
-                    student_shape,
+        for pair in self.layer_pairs:
+            h_s = _hidden(
+                student_hidden_states, pair.student_layer, "student_hidden_states", student_shape
+            )
+            h_t = _hidden(
+                teacher_hidden_states, pair.teacher_layer, "teacher_hidden_states", teacher_shape
+            ).detach()
+            if pair.teacher_layer not in importance:
+                importance[pair.teacher_layer] = mk.token_importance(h_t, teacher_mask)
+            w = importance[pair.teacher_layer]
+            unit = units[pair.granularity]
+            if self.use_dsa or cross:
+                u_t = mk.span_pool(h_t, unit.teacher, token_weights=w)
+                u_s = mk.span_pool(h_s, unit.student, token_weights=None if cross else w)
+                p = mk.span_weights(w, unit.teacher)
+            if self.use_dsa:
+                dsa_terms[pair.name] = mk.structural_loss(
+                    u_s, u_t, p, unit.mask, metric=self.metric
                 )
-                h_t = _hidden(
-                    teacher_hidden_states,
-                    pair.teacher_layer,
-                    "teacher_hidden_states",
-                    teacher_shape,
-                ).detach()
-                if pair.teacher_layer not in importance:
-                    importance[pair.teacher_layer] = mk.token_importance(h_t, teacher_mask)
-                w = importance[pair.teacher_layer]
-                student_spans, teacher_spans, span_mask = units[pair.granularity]
-                if self.use_dsa or cross:
-                    u_t = mk.span_pool(h_t, teacher_spans, span_mask, w)
-                    u_s = mk.span_pool(h_s, student_spans, span_mask, None if cross else w)
-                    p = mk.span_weights(w, teacher_spans, span_mask)
-                if self.use_dsa:
-                    dsa_terms[pair.name] = mk.structural_loss(
-                        u_s, u_t, p, span_mask, metric=self.metric
-                    )
-                if self.use_hra and cross:
-                    projected = self._project(pair.student_layer, u_s)
-                    hra_terms[pair.name] = mk.hidden_alignment_loss(projected, u_t, p, span_mask)
-                elif self.use_hra:
-                    if pair.granularity not in coverage:
-                        coverage[pair.granularity] = _coverage(
-                            student_spans, span_mask, attention_mask
-                        )
-                    projected = self._project(pair.student_layer, h_s)
-                    hra_terms[pair.name] = mk.hidden_alignment_loss(
-                        projected, h_t, w, coverage[pair.granularity]
-                    )
+            if self.use_hra and cross:
+                projected = self._project(pair.student_layer, u_s)
+                hra_terms[pair.name] = mk.hidden_alignment_loss(projected, u_t, p, unit.mask)
+            elif self.use_hra:
+                projected = self._project(pair.student_layer, h_s)
+                hra_terms[pair.name] = mk.hidden_alignment_loss(projected, h_t, w, unit.coverage)
 
         components: dict[str, Tensor] = {}
-        loss = torch.zeros((), dtype=torch.float32, device=attention_mask.device)
+        loss = torch.zeros((), dtype=torch.float32, device=plan.device)
         for term, terms, weight, total in (
             ("dsa", dsa_terms, self.lambda_dsa, lambda v: torch.stack(v).mean()),
             ("hra", hra_terms, self.lambda_hra, lambda v: torch.stack(v).sum()),
@@ -305,3 +248,11 @@ class MTALoss(nn.Module):
             components[term] = value.detach()
         components["mta"] = loss.detach()
         return MTALossOutput(loss=loss, components=components)
+
+
+def _hidden_device(states: HiddenStates) -> torch.device:
+    values = states.values() if isinstance(states, Mapping) else states
+    for value in values:
+        if isinstance(value, Tensor):
+            return value.device
+    raise ValueError("student_hidden_states holds no tensor")

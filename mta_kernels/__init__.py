@@ -18,11 +18,12 @@ from mta_kernels._switches import assume_valid_spans, prefer_reference, set_fp32
 from mta_kernels._validation import check_spans
 from mta_kernels.hidden_alignment import hidden_alignment_loss
 from mta_kernels.pairwise_distance import pairwise_distance
-from mta_kernels.span_pool import span_pool, span_weights
+from mta_kernels.span_pool import SpanIndex, span_index, span_pool, span_weights
 from mta_kernels.structural_loss import structural_loss
 from mta_kernels.token_importance import token_importance
 
 __all__ = [
+    "SpanIndex",
     "assume_valid_spans",
     "check_spans",
     "hidden_alignment_loss",
@@ -30,6 +31,7 @@ __all__ = [
     "prefer_reference",
     "reference",
     "set_fp32_matmul_precision",
+    "span_index",
     "span_pool",
     "span_weights",
     "structural_loss",

@@ -84,8 +84,11 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
-def check_spans(spans: Tensor, span_mask: Tensor, batch: int, num_tokens: int) -> None:
-    """``spans`` int [B, K, 2] with ``0 <= start <= end <= T`` wherever ``span_mask`` is set."""
+def check_spans(
+    spans: Tensor, span_mask: Tensor, batch: int, num_tokens: int, check_ranges: bool = True
+) -> None:
+    """``spans`` int [B, K, 2] with ``0 <= start <= end <= T`` wherever ``span_mask`` is set
+    (the ranges only with ``check_ranges``: that part reads a flag back from the device)."""
     if not isinstance(spans, Tensor):
         raise TypeError(f"spans must be a torch.Tensor, got {type(spans).__name__}")
     if spans.dtype not in INDEX_DTYPES:
@@ -95,7 +98,12 @@ def check_spans(spans: Tensor, span_mask: Tensor, batch: int, num_tokens: int) -
     if spans.dim() != 3 or spans.shape[0] != batch or spans.shape[2] != 2:
         raise ValueError(f"spans must have shape [B={batch}, K, 2], got {tuple(spans.shape)}")
     check_span_mask(span_mask, (batch, spans.shape[1]))
-    if spans.numel() == 0 or torch.compiler.is_compiling() or not SWITCHES.span_range_checks:
+    if (
+        not check_ranges
+        or spans.numel() == 0
+        or torch.compiler.is_compiling()
+        or not SWITCHES.span_range_checks
+    ):
         return  # compiled graphs skip the value check; the kernels clamp ranges into [0, T]
     valid = span_mask.bool()
     starts, ends = spans[..., 0], spans[..., 1]
@@ -126,20 +134,26 @@ def check_token_weights(token_weights: Tensor, batch: int, num_tokens: int) -> N
 
 
 def check_span_pool_args(
-    hidden: Tensor, spans: Tensor, span_mask: Tensor, token_weights: Tensor | None
+    hidden: Tensor,
+    spans: Tensor,
+    span_mask: Tensor,
+    token_weights: Tensor | None,
+    check_ranges: bool = True,
 ) -> None:
     check_float("hidden", hidden, 3)
     batch, num_tokens = hidden.shape[0], hidden.shape[1]
     if token_weights is not None:
         check_token_weights(token_weights, batch, num_tokens)
     check_same_device(hidden=hidden, spans=spans, span_mask=span_mask, token_weights=token_weights)
-    check_spans(spans, span_mask, batch, num_tokens)
+    check_spans(spans, span_mask, batch, num_tokens, check_ranges)
 
 
-def check_span_weights_args(token_weights: Tensor, spans: Tensor, span_mask: Tensor) -> None:
+def check_span_weights_args(
+    token_weights: Tensor, spans: Tensor, span_mask: Tensor, check_ranges: bool = True
+) -> None:
     check_float("token_weights", token_weights, 2)
     check_same_device(token_weights=token_weights, spans=spans, span_mask=span_mask)
-    check_spans(spans, span_mask, token_weights.shape[0], token_weights.shape[1])
+    check_spans(spans, span_mask, token_weights.shape[0], token_weights.shape[1], check_ranges)
 
 
 def check_pairwise_distance_args(units: Tensor, span_mask: Tensor | None, metric: str) -> None:

@@ -2,12 +2,17 @@
 
 Forward: one program per (span, d-block) sums its own token range — no K×T membership matrix.
 Backward: one program per (token block, d-block) gathers the gradients of the spans covering its
-tokens. Spans are sorted by start once (``_SpanIndex``), so a token block only visits the spans
+tokens. Spans are sorted by start once (:class:`SpanIndex`), so a token block only visits the spans
 ``[k_lo, k_hi)`` that can reach it (``k_hi``: spans starting before the block ends; ``k_lo``: first
 span whose running maximum end passes the block start). Each output element is written by exactly
 one program: the backward is deterministic, without atomics, and correct for overlapping spans.
+
+A :class:`SpanIndex` built once (:func:`span_index`, validated there, e.g. on the CPU where a batch
+is collated) can be passed to every op in place of ``spans`` and ``span_mask``: no op then rebuilds
+it, and none reads a value back from the device.
 """
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -24,11 +29,17 @@ from mta_kernels._common import (
     small_blocks,
     use_triton,
 )
-from mta_kernels._validation import DENOM_EPS, check_span_pool_args, check_span_weights_args
+from mta_kernels._switches import assume_valid_spans
+from mta_kernels._validation import (
+    DENOM_EPS,
+    check_span_pool_args,
+    check_span_weights_args,
+    check_spans,
+)
 
 
 def _gather_block_t() -> int:
-    """Token-block height of the backward gather; the span index is built for this block size."""
+    """Token-block height of the backward gather that a new span index is built for."""
     return 16 if small_blocks() else 32
 
 
@@ -150,39 +161,71 @@ def _span_gather_kernel(
         )
 
 
-class _SpanIndex(NamedTuple):
-    """Span ranges prepared for the kernels (all int32, invalid spans made empty at 0)."""
+class SpanIndex(NamedTuple):
+    """Spans prepared once for every op that reads them (:func:`span_index` builds it).
 
-    starts: Tensor  # [B, K] in the caller's order
-    ends: Tensor  # [B, K]
-    order: Tensor  # [B, K] span indices sorted by start
-    sorted_starts: Tensor  # [B, K]
-    sorted_ends: Tensor  # [B, K]
-    k_lo: Tensor  # [B, n_blocks] first sorted span that can reach the token block
-    k_hi: Tensor  # [B, n_blocks] one past the last one
-
-
-def _span_index(spans: Tensor, span_mask: Tensor, num_tokens: int) -> _SpanIndex:
-    """Sort spans by start and find each token block's candidate spans (plain torch ops).
-
-    Ranges are clamped into ``[0, T]`` as a guard for ``torch.compile``d callers, where the eager
-    range check is skipped: a bad span can give a wrong value but never an illegal access.
+    ``spans`` [B, K, 2] int64 and ``valid`` [B, K] bool are the validated input; the int32
+    [B, K] ranges have invalid spans made empty at 0; ``order``/``sorted_*`` sort them by start;
+    ``k_lo``/``k_hi`` [B, ceil(T / block_t)] are each token block's candidate spans in the
+    backward gather, built for blocks of ``block_t`` tokens.
     """
-    valid = span_mask.bool()
+
+    spans: Tensor
+    valid: Tensor
+    starts: Tensor
+    ends: Tensor
+    order: Tensor
+    sorted_starts: Tensor
+    sorted_ends: Tensor
+    k_lo: Tensor
+    k_hi: Tensor
+    num_tokens: int
+    block_t: int
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "SpanIndex":
+        """The index on ``device`` (a copy per tensor; ``non_blocking`` from pinned memory)."""
+        return SpanIndex(
+            *(v.to(device, non_blocking=non_blocking) if isinstance(v, Tensor) else v for v in self)
+        )
+
+    def pin_memory(self) -> "SpanIndex":
+        return SpanIndex(*(v.pin_memory() if isinstance(v, Tensor) else v for v in self))
+
+
+def span_index(spans: Tensor, span_mask: Tensor, num_tokens: int) -> SpanIndex:
+    """Validate ``spans`` [B, K, 2] (int64/int32) and ``span_mask`` [B, K] (bool) against
+    ``num_tokens`` and prepare them for the span ops (plain torch ops, on the spans' device).
+
+    Raises:
+        ValueError/TypeError: as the ops do for bad spans (the range check reads one flag back
+            when the spans are on a GPU; none when they are on the CPU).
+    """
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
+        raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
+    batch = spans.shape[0] if isinstance(spans, Tensor) else 0
+    check_spans(spans, span_mask, batch, num_tokens)
+    return _build_index(spans, span_mask, num_tokens)
+
+
+def _build_index(spans: Tensor, span_mask: Tensor, num_tokens: int) -> SpanIndex:
+    """:class:`SpanIndex` of checked spans. Ranges are clamped into ``[0, T]`` as well, so that
+    spans left unchecked inside a compiled graph give a wrong value, never an illegal access."""
+    block_t = _gather_block_t()
+    valid = span_mask
     starts = torch.where(valid, spans[..., 0], 0).clamp(0, num_tokens).to(torch.int32)
     ends = torch.where(valid, spans[..., 1], 0).clamp(0, num_tokens).to(torch.int32)
     ends = torch.maximum(starts, ends)
     sorted_starts, order = torch.sort(starts, dim=-1, stable=True)
     sorted_ends = torch.gather(ends, -1, order)
     reach = torch.cummax(sorted_ends, dim=-1).values
-    block_starts = torch.arange(
-        0, num_tokens, _gather_block_t(), device=spans.device, dtype=torch.int32
-    )
-    block_ends = (block_starts + _gather_block_t()).clamp_max(num_tokens)
+    block_starts = torch.arange(0, num_tokens, block_t, device=spans.device, dtype=torch.int32)
+    block_ends = (block_starts + block_t).clamp_max(num_tokens)
     batch = spans.shape[0]
     k_hi = torch.searchsorted(sorted_starts, block_ends.expand(batch, -1).contiguous())
     k_lo = torch.searchsorted(reach, block_starts.expand(batch, -1).contiguous(), right=True)
-    return _SpanIndex(
+    return SpanIndex(
+        spans,
+        valid,
         starts.contiguous(),
         ends.contiguous(),
         order.to(torch.int32).contiguous(),
@@ -190,7 +233,35 @@ def _span_index(spans: Tensor, span_mask: Tensor, num_tokens: int) -> _SpanIndex
         sorted_ends.contiguous(),
         k_lo.to(torch.int32).contiguous(),
         torch.maximum(k_lo, k_hi).to(torch.int32).contiguous(),
+        num_tokens,
+        block_t,
     )
+
+
+def _checked(index: SpanIndex | None) -> contextlib.AbstractContextManager:
+    """The reference skips the range check of spans an index was built (and checked) from."""
+    return assume_valid_spans() if index is not None else contextlib.nullcontext()
+
+
+def _unpack(
+    spans: Tensor | SpanIndex, span_mask: Tensor | None, values: Tensor
+) -> tuple[SpanIndex | None, Tensor, Tensor]:
+    """(the index if one was given, spans, span_mask) of an op's arguments, an index checked
+    against the [B, T] of ``values``."""
+    if not isinstance(spans, SpanIndex):
+        if span_mask is None:
+            raise TypeError("span_mask is required when spans is a tensor")
+        return None, spans, span_mask
+    if span_mask is not None:
+        raise ValueError("span_mask must be None when spans is a SpanIndex (it holds its mask)")
+    if isinstance(values, Tensor) and values.dim() >= 2:
+        expected = (spans.valid.shape[0], spans.num_tokens)
+        if tuple(values.shape[:2]) != expected:
+            raise ValueError(
+                f"the SpanIndex was built for [B, T] = {list(expected)}, the input has "
+                f"{list(values.shape[:2])}"
+            )
+    return spans, spans.spans, spans.valid
 
 
 @torch.library.custom_op("mta::span_sum", mutates_args=())
@@ -246,6 +317,7 @@ def _span_gather(
     k_lo: Tensor,
     k_hi: Tensor,
     num_tokens: int,
+    block_t: int,
     out_dtype: torch.dtype,
     scale: Tensor | None,
     weights: Tensor | None,
@@ -291,7 +363,7 @@ def _span_gather(
         HAS_WEIGHTS=weights is not None,
         WITH_DOT=dot_with is not None,
         WRITE_OUT=write_out,
-        BLOCK_T=_gather_block_t(),
+        BLOCK_T=block_t,
         BLOCK_D=block_d,
     )
     return out, dots.sum(0).view(batch, num_tokens) if dot_with is not None else dots
@@ -306,6 +378,7 @@ def _(
     k_lo,
     k_hi,
     num_tokens,
+    block_t,
     out_dtype,
     scale,
     weights,
@@ -322,7 +395,7 @@ def _(
 
 def _gather(
     grads: Tensor,
-    index: _SpanIndex,
+    index: SpanIndex,
     num_tokens: int,
     out_dtype: torch.dtype,
     scale: Tensor | None = None,
@@ -338,6 +411,7 @@ def _gather(
         index.k_lo,
         index.k_hi,
         num_tokens,
+        index.block_t,
         out_dtype,
         scale,
         weights,
@@ -350,21 +424,19 @@ class SpanPoolFunction(torch.autograd.Function):
     """``U = span_pool(H, spans, mask, w)`` with hand-written backward for ``H`` and ``w``."""
 
     @staticmethod
-    def forward(
-        ctx, hidden: Tensor, spans: Tensor, span_mask: Tensor, token_weights: Tensor | None
-    ) -> Tensor:
+    def forward(ctx, hidden: Tensor, index: SpanIndex, token_weights: Tensor | None) -> Tensor:
         hidden = contiguous(hidden)
         weights = None if token_weights is None else contiguous(token_weights)
-        index = _span_index(spans, span_mask, hidden.shape[1])
         pooled, weight_sum = _span_sum(hidden, index.starts, index.ends, weights, True)
-        ctx.save_for_backward(hidden, weights, weight_sum, pooled, *index)
+        ctx.save_for_backward(hidden, weights, weight_sum, pooled)
+        ctx.index = index
         return pooled
 
     @staticmethod
     def backward(ctx, grad_pooled: Tensor):
-        hidden, weights, weight_sum, pooled, *index_tensors = ctx.saved_tensors
-        index = _SpanIndex(*index_tensors)
-        need_hidden, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+        hidden, weights, weight_sum, pooled = ctx.saved_tensors
+        index = ctx.index
+        need_hidden, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         grad_pooled = contiguous(grad_pooled.float())
         inv_denominator = 1.0 / weight_sum.clamp_min(DENOM_EPS)
         grad_hidden, token_dots = _gather(
@@ -384,42 +456,44 @@ class SpanPoolFunction(torch.autograd.Function):
             centre = (grad_pooled * pooled).sum(-1) * inv_denominator * unclamped
             centre_sum, _ = _gather(centre.unsqueeze(-1), index, hidden.shape[1], torch.float32)
             grad_weights = (token_dots - centre_sum.squeeze(-1)).to(weights.dtype)
-        return (grad_hidden if need_hidden else None), None, None, grad_weights
+        return (grad_hidden if need_hidden else None), None, grad_weights
 
 
 class SpanWeightsFunction(torch.autograd.Function):
     """``p = span_weights(w, spans, mask)`` with hand-written backward for ``w``."""
 
     @staticmethod
-    def forward(ctx, token_weights: Tensor, spans: Tensor, span_mask: Tensor) -> Tensor:
+    def forward(ctx, token_weights: Tensor, index: SpanIndex) -> Tensor:
         weights = contiguous(token_weights)
-        index = _span_index(spans, span_mask, weights.shape[1])
         raw, _ = _span_sum(weights.unsqueeze(-1), index.starts, index.ends, None, False)
         raw = raw.squeeze(-1)
         total = raw.sum(-1, keepdim=True)
         # Invalid spans get 0 even when a NaN weight makes the total NaN.
-        probs = torch.where(span_mask, raw / total.clamp_min(DENOM_EPS), 0.0)
-        ctx.save_for_backward(total, probs, *index)
+        probs = torch.where(index.valid, raw / total.clamp_min(DENOM_EPS), 0.0)
+        ctx.save_for_backward(total, probs)
+        ctx.index = index
         ctx.weights_dtype = weights.dtype
-        ctx.num_tokens = weights.shape[1]
         return probs
 
     @staticmethod
     def backward(ctx, grad_probs: Tensor):
-        total, probs, *index_tensors = ctx.saved_tensors
+        total, probs = ctx.saved_tensors
         grad_probs = grad_probs.float()
         # p_k = r_k / max(Z, eps), Z = Σ r_j  =>
         # dL/dr_k = (g_k − [Z > eps] Σ_j g_j p_j) / max(Z, eps)
         coupled = (grad_probs * probs).sum(-1, keepdim=True) * (total > DENOM_EPS).float()
         grad_raw = (grad_probs - coupled) / total.clamp_min(DENOM_EPS)
         grad_weights, _ = _gather(
-            grad_raw.unsqueeze(-1), _SpanIndex(*index_tensors), ctx.num_tokens, ctx.weights_dtype
+            grad_raw.unsqueeze(-1), ctx.index, ctx.index.num_tokens, ctx.weights_dtype
         )
-        return grad_weights.squeeze(-1), None, None
+        return grad_weights.squeeze(-1), None
 
 
 def span_pool(
-    hidden: Tensor, spans: Tensor, span_mask: Tensor, token_weights: Tensor | None = None
+    hidden: Tensor,
+    spans: Tensor | SpanIndex,
+    span_mask: Tensor | None = None,
+    token_weights: Tensor | None = None,
 ) -> Tensor:
     """Weighted mean of the hidden states of each span (Eq. 8): [B, K, d] float32.
 
@@ -428,7 +502,8 @@ def span_pool(
 
     Args:
         hidden: [B, T, d] fp32/bf16/fp16, any strides.
-        spans: [B, K, 2] int64/int32 half-open token ranges ``[start, end)`` within ``[0, T]``.
+        spans: [B, K, 2] int64/int32 half-open token ranges ``[start, end)`` within ``[0, T]``, or
+            a :class:`SpanIndex` of them (then ``span_mask`` is None).
         span_mask: [B, K] bool, False for padding spans (their ranges are ignored).
         token_weights: optional [B, T] float weights (the teacher's token importance).
 
@@ -441,17 +516,24 @@ def span_pool(
         tensor([[[ 1.5000,  2.5000,  3.5000],
                  [ 9.0000, 10.0000, 11.0000]]])
     """
+    index, spans, span_mask = _unpack(spans, span_mask, hidden)
     if not use_triton(hidden, token_weights):
-        return reference.span_pool(hidden, spans, span_mask, token_weights)
-    check_span_pool_args(hidden, spans, span_mask, token_weights)
-    return SpanPoolFunction.apply(hidden, spans, span_mask, token_weights)
+        with _checked(index):
+            return reference.span_pool(hidden, spans, span_mask, token_weights)
+    check_span_pool_args(hidden, spans, span_mask, token_weights, check_ranges=index is None)
+    if index is None:
+        index = _build_index(spans, span_mask, hidden.shape[1])
+    return SpanPoolFunction.apply(hidden, index, token_weights)
 
 
-def span_weights(token_weights: Tensor, spans: Tensor, span_mask: Tensor) -> Tensor:
+def span_weights(
+    token_weights: Tensor, spans: Tensor | SpanIndex, span_mask: Tensor | None = None
+) -> Tensor:
     """Normalized span weights (Eq. 9): [B, K] float32.
 
     ``p̃_k = Σ_{t∈span k} w_t`` and ``p_k = v_k p̃_k / max(Σ_j v_j p̃_j, 1e-8)``; each example's
-    weights sum to 1 (or are all 0). Differentiable w.r.t. ``token_weights``.
+    weights sum to 1 (or are all 0). Differentiable w.r.t. ``token_weights``. ``spans`` as in
+    :func:`span_pool` (a tensor with ``span_mask``, or a :class:`SpanIndex`).
 
     Example::
 
@@ -459,7 +541,11 @@ def span_weights(token_weights: Tensor, spans: Tensor, span_mask: Tensor) -> Ten
         >>> span_weights(w, torch.tensor([[[0, 2], [2, 3]]]), torch.tensor([[True, True]]))
         tensor([[0.5000, 0.5000]])
     """
+    index, spans, span_mask = _unpack(spans, span_mask, token_weights)
     if not use_triton(token_weights):
-        return reference.span_weights(token_weights, spans, span_mask)
-    check_span_weights_args(token_weights, spans, span_mask)
-    return SpanWeightsFunction.apply(token_weights, spans, span_mask)
+        with _checked(index):
+            return reference.span_weights(token_weights, spans, span_mask)
+    check_span_weights_args(token_weights, spans, span_mask, check_ranges=index is None)
+    if index is None:
+        index = _build_index(spans, span_mask, token_weights.shape[1])
+    return SpanWeightsFunction.apply(token_weights, index)

@@ -1,5 +1,7 @@
 """Fused span pooling and span weights vs the reference."""
 
+import contextlib
+
 import pytest
 import torch
 from helpers import FUSED_DTYPES, check_against_reference, random_spans, word_spans
@@ -131,3 +133,37 @@ def test_span_pool_bf16_cuda(weighted, seed):
         device="cuda",
         seed=seed,
     )
+
+
+def test_a_span_index_serves_every_span_op(device, seed):
+    """One SpanIndex in place of (spans, span_mask): the same values and gradients as building
+    it inside each op, on the fused path and on the reference."""
+    spans, mask = random_spans(3, 9, 20)
+    hidden = torch.randn(3, 20, 12, device=device, requires_grad=True)
+    weights = torch.rand(3, 20, device=device, requires_grad=True)
+    index = mk.span_index(spans.to(device), mask.to(device), 20)
+    for path in (contextlib.nullcontext, mk.prefer_reference):
+        with path():
+            outs = []
+            for args in ((spans.to(device), mask.to(device)), (index,)):
+                pooled = mk.span_pool(hidden, *args, token_weights=weights)
+                p = mk.span_weights(weights, *args)
+                grads = torch.autograd.grad(pooled.sum() + (p * p).sum(), (hidden, weights))
+                outs.append((pooled, p, *grads))
+            for a, b in zip(*outs, strict=True):
+                assert torch.equal(a, b), f"seed={seed}"
+
+
+def test_span_index_argument_errors():
+    spans, mask = random_spans(2, 4, 10)
+    index = mk.span_index(spans, mask, 10)
+    with pytest.raises(ValueError, match="span_mask must be None when spans is a SpanIndex"):
+        mk.span_pool(torch.randn(2, 10, 3), index, mask)
+    with pytest.raises(
+        ValueError, match=r"built for \[B, T\] = \[2, 10\], the input has \[2, 11\]"
+    ):
+        mk.span_pool(torch.randn(2, 11, 3), index)
+    with pytest.raises(TypeError, match="span_mask is required when spans is a tensor"):
+        mk.span_weights(torch.rand(2, 10), spans)
+    with pytest.raises(ValueError, match="is outside"):
+        mk.span_index(spans + 20, mask | True, 10)
