@@ -46,7 +46,7 @@ _common, hidden_alignment, pairwise_distance, span_pool, structural_loss, token_
     )
 )
 
-F32, BF16, I32 = "*fp32", "*bf16", "*i32"
+F32, BF16, I32, I64, BOOL = "*fp32", "*bf16", "*i32", "*i64", "*i1"
 # Paper shapes (docs/design.md §4): T = 512, d_S = 768, d_T = 1600.
 TOKENS, WIDTH_S, WIDTH_T = 512, 768, 1600
 
@@ -71,12 +71,12 @@ def variants() -> list[Variant]:
     out: list[Variant] = []
     for dtype, torch_dtype in ((BF16, torch.bfloat16), (F32, torch.float32)):
         meta, warps, stages = _split(token_importance._launch_meta(TOKENS, WIDTH_T, torch_dtype))
-        common = dict(h_ptr=dtype, inv_std_ptr=F32, mask_ptr=I32, T="i32", D="i32", scale="fp32")
+        common = dict(h_ptr=dtype, inv_std_ptr=F32, mask_ptr=I64, T="i32", D="i32", scale="fp32")
         out.append(
             Variant(
                 f"token_importance.row_stats {dtype}",
                 token_importance._row_stats_kernel,
-                {**common, "count_ptr": F32, "row_max_ptr": F32, "row_factor_ptr": F32},
+                {**common, "row_max_ptr": F32, "row_factor_ptr": F32},
                 meta,
                 warps,
                 stages,
@@ -96,7 +96,7 @@ def variants() -> list[Variant]:
         Variant(
             "token_importance.inv_std",
             token_importance._inv_std_kernel,
-            dict(h_ptr=BF16, mask_ptr=I32, inv_std_ptr=F32, D="i32", eps="fp32"),
+            dict(h_ptr=BF16, mask_ptr=I64, inv_std_ptr=F32, D="i32", eps="fp32"),
             dict(BLOCK_D=_common.block_size(WIDTH_T, 1024)),
         )
     )
@@ -113,7 +113,7 @@ def variants() -> list[Variant]:
                 x_ptr=F32,
                 inv_norm_ptr=F32,
                 grad_hat_ptr=F32,
-                valid_ptr=I32,
+                valid_ptr=BOOL,
                 grad_x_ptr=F32,
                 D="i32",
                 eps="fp32",
@@ -148,7 +148,7 @@ def variants() -> list[Variant]:
     )
     gather_types = dict(
         g_ptr=F32,
-        scale_ptr=F32,
+        divisor_ptr=F32,
         w_ptr=F32,
         h_ptr=BF16,
         order_ptr=I32,
@@ -163,6 +163,7 @@ def variants() -> list[Variant]:
         D="i32",
         n_blocks="i32",
         n_rows="i32",
+        eps="fp32",
     )
     out.append(
         Variant(
@@ -170,7 +171,7 @@ def variants() -> list[Variant]:
             span_pool._span_gather_kernel,
             gather_types,
             dict(
-                HAS_SCALE=True,
+                HAS_DIVISOR=True,
                 HAS_WEIGHTS=True,
                 WITH_DOT=True,
                 WRITE_OUT=True,
@@ -191,7 +192,7 @@ def variants() -> list[Variant]:
                     pairwise_distance._distance_fwd_kernel,
                     dict(
                         x_ptr=rows,
-                        valid_ptr=I32,
+                        valid_ptr=BOOL,
                         out_ptr=F32,
                         partial_ptr=F32,
                         K="i32",
@@ -209,7 +210,7 @@ def variants() -> list[Variant]:
                     pairwise_distance._distance_bwd_kernel,
                     dict(
                         x_ptr=rows,
-                        valid_ptr=I32,
+                        valid_ptr=BOOL,
                         grad_out_ptr=F32,
                         dist_ptr=F32,
                         inv_mean_ptr=F32,
@@ -231,7 +232,7 @@ def variants() -> list[Variant]:
                 student_ptr=rows,
                 teacher_ptr=rows,
                 weight_ptr=F32,
-                valid_ptr=I32,
+                valid_ptr=BOOL,
                 inv_mean_ptr=F32,
                 K="i32",
                 D_S="i32",
@@ -274,7 +275,7 @@ def variants() -> list[Variant]:
                 s_ptr=F32,
                 t_ptr=BF16,
                 weight_ptr=F32,
-                keep_ptr=I32,
+                keep_ptr=BOOL,
                 stats_ptr=F32,
                 partial_ptr=F32,
                 T="i32",
@@ -294,7 +295,7 @@ def variants() -> list[Variant]:
                 s_ptr=F32,
                 t_ptr=BF16,
                 weight_ptr=F32,
-                keep_ptr=I32,
+                keep_ptr=BOOL,
                 stats_ptr=F32,
                 scale_ptr=F32,
                 grad_s_ptr=F32,

@@ -11,7 +11,7 @@ What a GPU would be asked to do is counted while it runs:
 * **ATen launches**: every ATen operator that would launch device work, seen by a
   ``TorchDispatchMode`` — inside the project's custom ops too. Views and other aliasing or
   metadata-only operators are left out, and so are allocations (``empty``), which take memory
-  from the caching allocator without a launch.
+  from the caching allocator without a launch, and operators on tensors without elements.
 * **Host synchronizations**: operators that read a device value back to the host
   (``_local_scalar_dense``: ``.item()``, ``.tolist()``, ``bool(tensor)``) or whose output shape
   depends on device data (``nonzero`` and friends).
@@ -76,6 +76,7 @@ _NO_LAUNCH = {
     "new_empty_strided",
     "detach",
     "scalar_tensor",
+    "_unsafe_view",  # a view that autograd does not track (matmul's reshapes)
 }
 
 
@@ -112,13 +113,20 @@ class _DispatchCounter(TorchDispatchMode):
             opdef = torch._library.custom_ops.OPDEFS[func._schema.name]
             with self:
                 return opdef._init_fn(*args, **kwargs)
+        out = func(*args, **kwargs)
         if name in _SYNCS:
             self.counts.syncs[name] += 1
         elif name in _HOST_DATA:
             self.counts.host_to_device[name] += 1
-        elif not (func.is_view or name in _NO_LAUNCH):
+        elif not (func.is_view or name in _NO_LAUNCH or _empty(out)):
             self.counts.aten[name] += 1
-        return func(*args, **kwargs)
+        return out
+
+
+def _empty(out: object) -> bool:
+    """An operator whose outputs hold no element launches nothing on a GPU."""
+    tensors = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    return bool(tensors) and all(t.numel() == 0 for t in tensors)
 
 
 @contextlib.contextmanager

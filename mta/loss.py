@@ -131,6 +131,19 @@ class MTALoss(nn.Module):
                 projector = nn.Linear(student_hidden_size, teacher_hidden_size, bias=False)
                 nn.init.orthogonal_(projector.weight)
                 self.projectors[str(pair.student_layer)] = projector
+        self.terms = [("dsa", p) for p in self.layer_pairs if use_dsa] + [
+            ("hra", p) for p in self.layer_pairs if use_hra
+        ]
+        # The per-layer terms combine into (loss, L_DSA, L_HRA) by one product with this matrix:
+        # L_DSA is the mean over pairs, L_HRA the sum, loss = λ_DSA L_DSA + λ_HRA L_HRA.
+        n_dsa = sum(term == "dsa" for term, _ in self.terms)
+        combine = torch.zeros(3, len(self.terms))
+        for column, (term, _) in enumerate(self.terms):
+            share = 1.0 / n_dsa if term == "dsa" else 1.0
+            weight = self.lambda_dsa if term == "dsa" else self.lambda_hra
+            combine[0, column] = weight * share
+            combine[1 if term == "dsa" else 2, column] = share
+        self.register_buffer("combine", combine, persistent=False)
 
     @property
     def granularities(self) -> tuple[str, ...]:
@@ -206,8 +219,7 @@ class MTALoss(nn.Module):
         units = {g: plan[g] for g in self.granularities}
 
         importance: dict[int, Tensor] = {}
-        dsa_terms: dict[str, Tensor] = {}
-        hra_terms: dict[str, Tensor] = {}
+        per_example: dict[tuple[str, LayerPair], Tensor] = {}  # [B] losses of each term
         for pair in self.layer_pairs:
             h_s = _hidden(
                 student_hidden_states, pair.student_layer, "student_hidden_states", student_shape
@@ -224,28 +236,36 @@ class MTALoss(nn.Module):
                 u_s = mk.span_pool(h_s, unit.student, token_weights=None if cross else w)
                 p = mk.span_weights(w, unit.teacher)
             if self.use_dsa:
-                dsa_terms[pair.name] = mk.structural_loss(
-                    u_s, u_t, p, unit.mask, metric=self.metric
+                per_example["dsa", pair] = mk.structural_loss(
+                    u_s, u_t, p, unit.mask, metric=self.metric, reduction="none"
                 )
             if self.use_hra and cross:
                 projected = self._project(pair.student_layer, u_s)
-                hra_terms[pair.name] = mk.hidden_alignment_loss(projected, u_t, p, unit.mask)
+                per_example["hra", pair] = mk.hidden_alignment_loss(
+                    projected, u_t, p, unit.mask, reduction="none"
+                )
             elif self.use_hra:
                 projected = self._project(pair.student_layer, h_s)
-                hra_terms[pair.name] = mk.hidden_alignment_loss(projected, h_t, w, unit.coverage)
+                per_example["hra", pair] = mk.hidden_alignment_loss(
+                    projected, h_t, w, unit.coverage, reduction="none"
+                )
 
+        # Three launches for every term at once: the batch means of the terms, then one product
+        # giving the loss and the two totals.
+        per_term = torch.stack([per_example[t] for t in self.terms]).mean(dim=1)
+        loss, dsa, hra = self.combine.to(per_term.dtype) @ per_term
+        shown = per_term.detach()
         components: dict[str, Tensor] = {}
-        loss = torch.zeros((), dtype=torch.float32, device=plan.device)
-        for term, terms, weight, total in (
-            ("dsa", dsa_terms, self.lambda_dsa, lambda v: torch.stack(v).mean()),
-            ("hra", hra_terms, self.lambda_hra, lambda v: torch.stack(v).sum()),
-        ):
-            if not terms:
-                continue
-            value = total(list(terms.values()))
-            loss = loss + weight * value
-            components.update({f"{term}/{name}": v.detach() for name, v in terms.items()})
-            components[term] = value.detach()
+        for name, total, used in (("dsa", dsa, self.use_dsa), ("hra", hra, self.use_hra)):
+            if used:
+                components.update(
+                    {
+                        f"{name}/{pair.name}": shown[i]
+                        for i, (term, pair) in enumerate(self.terms)
+                        if term == name
+                    }
+                )
+                components[name] = total.detach()
         components["mta"] = loss.detach()
         return MTALossOutput(loss=loss, components=components)
 

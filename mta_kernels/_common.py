@@ -116,7 +116,7 @@ def row_normalize_bwd_kernel(
     x_ptr,  # [R, D] forward input
     inv_norm_ptr,  # [R] fp32 saved by the forward
     grad_hat_ptr,  # [R, D] fp32 gradient w.r.t. the normalized rows
-    valid_ptr,  # [R] int32: rows that took part (the others get a zero gradient)
+    valid_ptr,  # [R] bool or int: rows that took part (the others get a zero gradient)
     grad_x_ptr,  # [R, D] gradient w.r.t. x (x's dtype)
     D,
     eps,
@@ -175,7 +175,7 @@ def _(x: Tensor) -> tuple[Tensor, Tensor]:
 @on_input_device
 def row_normalize_backward(x: Tensor, inv_norm: Tensor, grad_hat: Tensor, valid: Tensor) -> Tensor:
     """Gradient w.r.t. ``x`` of :func:`row_normalize` given fp32 ``grad_hat``; x's dtype. Rows
-    where the int32 ``valid`` [...] (``x``'s leading shape) is 0 get a zero gradient."""
+    where ``valid`` [...] (``x``'s leading shape, bool or int) is 0 get a zero gradient."""
     x = contiguous(x)
     rows, width = x.numel() // max(x.shape[-1], 1), x.shape[-1]
     grad_x = empty_output(*x.shape, dtype=x.dtype, device=x.device)

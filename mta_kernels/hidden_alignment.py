@@ -30,7 +30,7 @@ def _hidden_alignment_fwd_kernel(
     s_ptr,
     t_ptr,  # [B, T, D] student (projected) and teacher states
     weight_ptr,  # [B, T] token weights w_t
-    keep_ptr,  # [B, T] int32 c_t
+    keep_ptr,  # [B, T] c_t, bool or int (read as != 0)
     # [4, B·T] fp32: 1/(ñ_S ñ_T), cos/ñ_S² (0 if clamped), cos/ñ_T² (0 if clamped), 1 − cos
     stats_ptr,
     partial_ptr,  # [B, n_blocks] fp32 Σ_t a_t (1 − cos_t) over the block
@@ -144,25 +144,25 @@ def _hidden_alignment_forward(
     block_t, block_d = _blocks(width)
     n_blocks = triton.cdiv(num_tokens, block_t)
     stats = empty_output(4, n_rows, dtype=torch.float32, device=student_hidden.device)
-    partial = torch.zeros(
-        batch, max(n_blocks, 1), dtype=torch.float32, device=student_hidden.device
+    if n_rows == 0:
+        return stats.new_zeros(batch), stats
+    # every program writes its block's partial sum: no zero-filling
+    partial = empty_output(batch, n_blocks, dtype=torch.float32, device=student_hidden.device)
+    _hidden_alignment_fwd_kernel[(n_blocks, batch)](
+        student_hidden,
+        teacher_hidden,
+        weight,
+        keep,
+        stats,
+        partial,
+        num_tokens,
+        width,
+        n_blocks,
+        n_rows,
+        STD_EPS,
+        BLOCK_T=block_t,
+        BLOCK_D=block_d,
     )
-    if n_rows > 0:
-        _hidden_alignment_fwd_kernel[(n_blocks, batch)](
-            student_hidden,
-            teacher_hidden,
-            weight,
-            keep,
-            stats,
-            partial,
-            num_tokens,
-            width,
-            n_blocks,
-            n_rows,
-            STD_EPS,
-            BLOCK_T=block_t,
-            BLOCK_D=block_d,
-        )
     return partial.sum(-1), stats
 
 
@@ -241,7 +241,7 @@ class HiddenAlignmentFunction(torch.autograd.Function):
     ) -> Tensor:
         student_hidden, teacher_hidden = contiguous(student_hidden), contiguous(teacher_hidden)
         weight = contiguous(token_weights)
-        keep = contiguous(token_mask.to(torch.int32))
+        keep = contiguous(token_mask)  # read as `!= 0`, whatever its integer or bool dtype
         loss, stats = _hidden_alignment_forward(student_hidden, teacher_hidden, weight, keep)
         ctx.save_for_backward(student_hidden, teacher_hidden, weight, keep, stats)
         return loss

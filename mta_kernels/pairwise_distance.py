@@ -186,7 +186,7 @@ def accumulate_rows(
 @triton.jit
 def _distance_fwd_kernel(
     x_ptr,  # [B, K, D] normalized rows (cosine) or raw rows (euclidean)
-    valid_ptr,  # [B, K] int32
+    valid_ptr,  # [B, K] bool
     out_ptr,  # [B, K, K] fp32: 1 − Gram (cosine) or raw distance (euclidean)
     partial_ptr,  # [B, n_i·n_j] fp32 Σ of the tile's valid distances (euclidean mean)
     K,
@@ -230,7 +230,7 @@ def _distance_fwd_kernel(
 @triton.jit
 def _distance_bwd_kernel(
     x_ptr,  # [B, K, D] as in the forward
-    valid_ptr,  # [B, K] int32
+    valid_ptr,  # [B, K] bool
     grad_out_ptr,  # [B, K, K] gradient w.r.t. the output
     dist_ptr,  # [B, K, K] forward output (euclidean)
     inv_mean_ptr,  # [B] fp32 1/μ (euclidean)
@@ -308,10 +308,11 @@ def tile_sizes(metric: str, width: int, dtype: torch.dtype) -> dict[str, int]:
 
 
 def valid_mask(span_mask: Tensor | None, units: Tensor) -> Tensor:
-    """``span_mask`` as contiguous int32 [B, K] (all ones when None)."""
+    """``span_mask`` as a contiguous bool [B, K] (all True when None); the kernels read it
+    directly (a bool pointer), with no conversion launched."""
     if span_mask is None:
-        return torch.ones(units.shape[:2], dtype=torch.int32, device=units.device)
-    return contiguous(span_mask.to(torch.int32))
+        return torch.ones(units.shape[:2], dtype=torch.bool, device=units.device)
+    return contiguous(span_mask)
 
 
 @torch.library.custom_op("mta::pairwise_distance_forward", mutates_args=())

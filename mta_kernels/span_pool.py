@@ -96,7 +96,7 @@ def _span_sum_kernel(
 @triton.jit
 def _span_gather_kernel(
     g_ptr,  # [B, K, D] per-span gradients
-    scale_ptr,  # [B, K] fp32 per-span factor (unused without HAS_SCALE)
+    divisor_ptr,  # [B, K] fp32 s_k: g_k is divided by max(s_k, eps) (unused without HAS_DIVISOR)
     w_ptr,  # [B, T] token weights (unused without HAS_WEIGHTS)
     h_ptr,  # [B, T, D] forward values (unused without WITH_DOT)
     order_ptr,
@@ -104,14 +104,15 @@ def _span_gather_kernel(
     sorted_ends_ptr,  # [B, K] int32, sorted by start
     k_lo_ptr,
     k_hi_ptr,  # [B, n_blocks] int32 candidate span range per token block
-    out_ptr,  # [B, T, D] w_t Σ_{k∋t} scale_k g_k
-    dot_ptr,  # [n_dblocks, B·T] fp32 partial ⟨Σ_{k∋t} scale_k g_k, H_t⟩ (WITH_DOT)
+    out_ptr,  # [B, T, D] w_t Σ_{k∋t} g_k / max(s_k, eps)
+    dot_ptr,  # [n_dblocks, B·T] fp32 partial ⟨Σ_{k∋t} g_k / max(s_k, eps), H_t⟩ (WITH_DOT)
     T,
     K,
     D,
     n_blocks,
     n_rows,
-    HAS_SCALE: tl.constexpr,
+    eps,
+    HAS_DIVISOR: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
     WITH_DOT: tl.constexpr,
     WRITE_OUT: tl.constexpr,
@@ -133,8 +134,8 @@ def _span_gather_kernel(
         start = tl.load(sorted_starts_ptr + batch * K + j)
         end = tl.load(sorted_ends_ptr + batch * K + j)
         g = tl.load(g_ptr + span * D + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
-        if HAS_SCALE:
-            g = g * tl.load(scale_ptr + span)
+        if HAS_DIVISOR:
+            g = g / tl.maximum(tl.load(divisor_ptr + span), eps)
         member = (offs_t >= start) & (offs_t < end)
         acc += tl.where(member[:, None], g[None, :], 0.0)
         covered = covered | member
@@ -319,14 +320,15 @@ def _span_gather(
     num_tokens: int,
     block_t: int,
     out_dtype: torch.dtype,
-    scale: Tensor | None,
+    divisor: Tensor | None,
     weights: Tensor | None,
     dot_with: Tensor | None,
     write_out: bool,
 ) -> tuple[Tensor, Tensor]:
-    """Launch :func:`_span_gather_kernel`: ``w_t Σ_{k∋t} scale_k g_k`` [B, T, D] (an empty
-    tensor without ``write_out``) and, with ``dot_with`` = H, ``⟨Σ_{k∋t} scale_k g_k, H_t⟩``
-    [B, T] fp32 (else an empty tensor)."""
+    """Launch :func:`_span_gather_kernel`: ``w_t Σ_{k∋t} ĝ_k`` [B, T, D] with
+    ``ĝ_k = g_k / max(divisor_k, 1e-8)`` (``g_k`` without a divisor; an empty tensor without
+    ``write_out``) and, with ``dot_with`` = H, ``⟨Σ_{k∋t} ĝ_k, H_t⟩`` [B, T] fp32 (else an empty
+    tensor)."""
     grads = contiguous(grads)
     batch, num_spans, width = grads.shape
     if write_out:
@@ -344,7 +346,7 @@ def _span_gather(
     n_blocks = k_lo.shape[1]
     _span_gather_kernel[(batch * n_blocks, n_dblocks)](
         grads,
-        scale if scale is not None else grads,
+        divisor if divisor is not None else grads,
         weights if weights is not None else grads,
         dot_with if dot_with is not None else grads,
         order,
@@ -359,7 +361,8 @@ def _span_gather(
         width,
         n_blocks,
         batch * num_tokens,
-        HAS_SCALE=scale is not None,
+        DENOM_EPS,
+        HAS_DIVISOR=divisor is not None,
         HAS_WEIGHTS=weights is not None,
         WITH_DOT=dot_with is not None,
         WRITE_OUT=write_out,
@@ -380,7 +383,7 @@ def _(
     num_tokens,
     block_t,
     out_dtype,
-    scale,
+    divisor,
     weights,
     dot_with,
     write_out,
@@ -398,7 +401,7 @@ def _gather(
     index: SpanIndex,
     num_tokens: int,
     out_dtype: torch.dtype,
-    scale: Tensor | None = None,
+    divisor: Tensor | None = None,
     weights: Tensor | None = None,
     dot_with: Tensor | None = None,
     write_out: bool = True,
@@ -413,7 +416,7 @@ def _gather(
         num_tokens,
         index.block_t,
         out_dtype,
-        scale,
+        divisor,
         weights,
         dot_with,
         write_out,
@@ -438,13 +441,12 @@ class SpanPoolFunction(torch.autograd.Function):
         index = ctx.index
         need_hidden, need_weights = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         grad_pooled = contiguous(grad_pooled.float())
-        inv_denominator = 1.0 / weight_sum.clamp_min(DENOM_EPS)
         grad_hidden, token_dots = _gather(
             grad_pooled,
             index,
             hidden.shape[1],
             hidden.dtype,
-            scale=inv_denominator,
+            divisor=weight_sum,
             weights=weights,
             dot_with=hidden if need_weights else None,
             write_out=need_hidden,
@@ -453,7 +455,7 @@ class SpanPoolFunction(torch.autograd.Function):
         if need_weights:
             # dU_k/dw_t = (H_t − [Σw > eps] U_k) / max(Σw, eps) for t in span k.
             unclamped = (weight_sum > DENOM_EPS).float()
-            centre = (grad_pooled * pooled).sum(-1) * inv_denominator * unclamped
+            centre = (grad_pooled * pooled).sum(-1) / weight_sum.clamp_min(DENOM_EPS) * unclamped
             centre_sum, _ = _gather(centre.unsqueeze(-1), index, hidden.shape[1], torch.float32)
             grad_weights = (token_dots - centre_sum.squeeze(-1)).to(weights.dtype)
         return (grad_hidden if need_hidden else None), None, grad_weights

@@ -105,7 +105,7 @@ def _structural_fwd_kernel(
     student_ptr,
     teacher_ptr,  # [B, K, D_S], [B, K, D_T]: normalized (cosine) or raw (euclidean)
     weight_ptr,  # [B, K] span weights p (read only where valid)
-    valid_ptr,  # [B, K] int32
+    valid_ptr,  # [B, K] bool
     tile_pairs_ptr,  # [n_pairs, 2] int32 (i-block, j-block) with i-block <= j-block
     inv_mean_ptr,  # [B, 2] fp32 (1/μ_S, 1/μ_T), euclidean loss stage
     partial_ptr,  # [B, n_pairs, 3] fp32
@@ -365,17 +365,20 @@ def _structural_forward(
     teacher_rows: Tensor,
     weights: Tensor,
     valid: Tensor,
-    n_pairs: Tensor,
     metric: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Both forward stages: (per-example loss [B], 1/μ [B, 2], coupling a [B, 2]), all fp32."""
+    """Both forward stages: (per-example loss [B], 1/μ [B, 2], coupling a [B, 2]), all fp32;
+    the cosine metric has no means nor coupling (empty tensors: its kernels never read them)."""
     batch, num_units, width_s = student_rows.shape
     meta = _meta(metric, width_s, teacher_rows.shape[2], student_rows.dtype)
     device = student_rows.device
     tile_pairs = _upper_tile_pairs(triton.cdiv(max(num_units, 1), meta["BLOCK_I"]), device)
     partial = empty_output(batch, tile_pairs.shape[0], 3, dtype=torch.float32, device=device)
-    inv_mean = torch.ones(batch, 2, dtype=torch.float32, device=device)
-    pair_count = n_pairs.clamp_min(1.0).unsqueeze(-1)
+    if metric == "cosine":
+        inv_mean = partial.new_empty(0)
+    else:
+        inv_mean = torch.ones(batch, 2, dtype=torch.float32, device=device)
+        pair_count = valid_pair_count(valid).clamp_min(1.0).unsqueeze(-1)
 
     def launch(stage: int) -> Tensor:
         if batch * num_units == 0:
@@ -396,20 +399,22 @@ def _structural_forward(
         )
         return partial.sum(1)
 
-    if metric == "euclidean":
-        means = launch(_STAGE_MEANS)[:, :2] / pair_count
-        inv_mean = torch.where(means != 0, 1.0 / means, inv_mean).contiguous()
+    if metric == "cosine":
+        return launch(_STAGE_LOSS)[:, 0].contiguous(), inv_mean, partial.new_empty(0)
+    means = launch(_STAGE_MEANS)[:, :2] / pair_count
+    inv_mean = torch.where(means != 0, 1.0 / means, inv_mean).contiguous()
     sums = launch(_STAGE_LOSS)
     return sums[:, 0].contiguous(), inv_mean, (sums[:, 1:] / pair_count).contiguous()
 
 
 @_structural_forward.register_fake
-def _(student_rows, teacher_rows, weights, valid, n_pairs, metric):
+def _(student_rows, teacher_rows, weights, valid, metric):
     batch = student_rows.shape[0]
+    extra = (0,) if metric == "cosine" else (batch, 2)
     return (
         student_rows.new_empty(batch, dtype=torch.float32),
-        student_rows.new_empty(batch, 2, dtype=torch.float32),
-        student_rows.new_empty(batch, 2, dtype=torch.float32),
+        student_rows.new_empty(extra, dtype=torch.float32),
+        student_rows.new_empty(extra, dtype=torch.float32),
     )
 
 
@@ -508,12 +513,12 @@ class StructuralLossFunction(torch.autograd.Function):
         metric: str,
     ) -> Tensor:
         student_units, teacher_units = contiguous(student_units), contiguous(teacher_units)
-        valid = contiguous(span_mask.to(torch.int32))
+        valid = contiguous(span_mask)
         weights = contiguous(span_weights)
         student_rows, student_inv_norm = metric_rows(student_units, metric)
         teacher_rows, teacher_inv_norm = metric_rows(teacher_units, metric)
         loss, inv_mean, coupling = _structural_forward(
-            student_rows, teacher_rows, weights, valid, valid_pair_count(valid), metric
+            student_rows, teacher_rows, weights, valid, metric
         )
         ctx.metric = metric
         ctx.save_for_backward(

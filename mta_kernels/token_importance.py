@@ -5,7 +5,8 @@
 
 1. ``_inv_std_kernel``: ``r_t = 1 / (std(H_t) + 1e-8)`` per token (two passes over ``d``).
 2. ``_row_stats_kernel``: flash-style online softmax over key tiles → per-row max ``m_s`` and the
-   row factor ``c_s = [s valid] / (ℓ_s · N)`` (0 for rows without a valid column).
+   row factor ``c_s = [s valid] / (ℓ_s · N)`` (0 for rows without a valid column); ``N`` is
+   counted from the mask in the same sweep.
 3. ``_column_sum_kernel``: recomputes each score tile and sums ``exp(A_st − m_s) c_s`` over rows.
 
 Scores are ``r_s r_t ⟨H_s, H_t⟩ / √d``: ``tl.dot`` on the raw states (tensor cores for 16-bit input)
@@ -99,7 +100,6 @@ def _row_stats_kernel(
     h_ptr,
     inv_std_ptr,
     mask_ptr,
-    count_ptr,
     row_max_ptr,
     row_factor_ptr,
     T,
@@ -115,8 +115,12 @@ def _row_stats_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     row_sum = tl.zeros((BLOCK_M,), tl.float32)
+    n_valid = tl.zeros((BLOCK_N,), tl.float32)  # N of the example, counted along the sweep
     for n0 in range(0, T, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_valid += tl.where(
+            tl.load(mask_ptr + batch * T + offs_n, mask=offs_n < T, other=0) != 0, 1.0, 0.0
+        )
         scores = _score_tile(
             h_ptr,
             inv_std_ptr,
@@ -139,7 +143,7 @@ def _row_stats_kernel(
             tl.exp(scores - safe_max[:, None]), axis=1
         )
         row_max = new_max
-    count = tl.load(count_ptr + batch)
+    count = tl.maximum(tl.sum(n_valid, axis=0), 1.0)
     row_valid = tl.load(mask_ptr + batch * T + offs_m, mask=offs_m < T, other=0) != 0
     # A row has no valid column iff its sum is exactly 0; `!= 0` (not `> 0`) lets a NaN through.
     has_mass = row_valid & (row_sum != 0)
@@ -222,21 +226,20 @@ def _token_importance_fused(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     """Triton token importance on validated inputs: [B, T] float32."""
     hidden = contiguous(hidden)
     batch, num_tokens, width = hidden.shape
-    mask = contiguous(attention_mask.to(torch.int32))
+    mask = contiguous(attention_mask)  # read as `!= 0`, whatever its integer or bool dtype
     out = empty_output(batch, num_tokens, dtype=torch.float32, device=hidden.device)
     if out.numel() == 0:
         return out
     inv_std, row_max, row_factor = (
         empty_output(batch, num_tokens, dtype=torch.float32, device=hidden.device) for _ in range(3)
     )
-    count = mask.sum(dim=1, dtype=torch.float32).clamp_min(1.0)
     meta = _launch_meta(num_tokens, width, hidden.dtype)
     scale = 1.0 / math.sqrt(width)
     _inv_std_kernel[(batch * num_tokens,)](
         hidden, mask, inv_std, width, STD_EPS, BLOCK_D=block_size(width, 1024)
     )
     _row_stats_kernel[(triton.cdiv(num_tokens, meta["BLOCK_M"]), batch)](
-        hidden, inv_std, mask, count, row_max, row_factor, num_tokens, width, scale, **meta
+        hidden, inv_std, mask, row_max, row_factor, num_tokens, width, scale, **meta
     )
     _column_sum_kernel[(triton.cdiv(num_tokens, meta["BLOCK_N"]), batch)](
         hidden, inv_std, mask, row_max, row_factor, out, num_tokens, width, scale, **meta
