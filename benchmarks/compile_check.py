@@ -71,7 +71,10 @@ def variants() -> list[Variant]:
     out: list[Variant] = []
     for dtype, torch_dtype in ((BF16, torch.bfloat16), (F32, torch.float32)):
         meta, warps, stages = _split(token_importance._launch_meta(TOKENS, WIDTH_T, torch_dtype))
-        common = dict(h_ptr=dtype, inv_std_ptr=F32, mask_ptr=I64, T="i32", D="i32", scale="fp32")
+        layers = {f"h{i}_ptr": dtype for i in range(token_importance.LAYERS_PER_LAUNCH)}
+        common = dict(
+            layers, inv_std_ptr=F32, mask_ptr=I64, B="i32", T="i32", D="i32", scale="fp32"
+        )
         out.append(
             Variant(
                 f"token_importance.row_stats {dtype}",
@@ -96,7 +99,14 @@ def variants() -> list[Variant]:
         Variant(
             "token_importance.inv_std",
             token_importance._inv_std_kernel,
-            dict(h_ptr=BF16, mask_ptr=I64, inv_std_ptr=F32, D="i32", eps="fp32"),
+            dict(
+                {f"h{i}_ptr": BF16 for i in range(token_importance.LAYERS_PER_LAUNCH)},
+                mask_ptr=I64,
+                inv_std_ptr=F32,
+                n_rows="i32",
+                D="i32",
+                eps="fp32",
+            ),
             dict(BLOCK_D=_common.block_size(WIDTH_T, 1024)),
         )
     )
@@ -146,6 +156,24 @@ def variants() -> list[Variant]:
             ),
         )
     )
+    out.append(
+        Variant(
+            "span_pool.weights",
+            span_pool._span_weights_kernel,
+            dict(
+                w_ptr=F32,
+                starts_ptr=I32,
+                ends_ptr=I32,
+                valid_ptr=BOOL,
+                out_ptr=F32,
+                total_ptr=F32,
+                T="i32",
+                K="i32",
+                eps="fp32",
+            ),
+            dict(BLOCK_K=_common.block_size(300, 128), BLOCK_L=8),
+        )
+    )
     gather_types = dict(
         g_ptr=F32,
         divisor_ptr=F32,
@@ -176,7 +204,7 @@ def variants() -> list[Variant]:
                 WITH_DOT=True,
                 WRITE_OUT=True,
                 BLOCK_T=span_pool._gather_block_t(),
-                BLOCK_D=_common.block_size(WIDTH_S, 128, floor=1),
+                BLOCK_D=span_pool.gather_block_d(WIDTH_S),
             ),
         )
     )

@@ -218,17 +218,27 @@ class MTALoss(nn.Module):
         teacher_shape = (*teacher_mask.shape, self.teacher_hidden_size)
         units = {g: plan[g] for g in self.granularities}
 
-        importance: dict[int, Tensor] = {}
+        teacher_layers = list(dict.fromkeys(p.teacher_layer for p in self.layer_pairs))
+        teacher = {
+            layer: _hidden(
+                teacher_hidden_states, layer, "teacher_hidden_states", teacher_shape
+            ).detach()
+            for layer in teacher_layers
+        }
+        # every distinct teacher layer's token importance in one set of launches
+        importance = dict(
+            zip(
+                teacher_layers,
+                mk.token_importance_layers([teacher[t] for t in teacher_layers], teacher_mask),
+                strict=True,
+            )
+        )
         per_example: dict[tuple[str, LayerPair], Tensor] = {}  # [B] losses of each term
         for pair in self.layer_pairs:
             h_s = _hidden(
                 student_hidden_states, pair.student_layer, "student_hidden_states", student_shape
             )
-            h_t = _hidden(
-                teacher_hidden_states, pair.teacher_layer, "teacher_hidden_states", teacher_shape
-            ).detach()
-            if pair.teacher_layer not in importance:
-                importance[pair.teacher_layer] = mk.token_importance(h_t, teacher_mask)
+            h_t = teacher[pair.teacher_layer]
             w = importance[pair.teacher_layer]
             unit = units[pair.granularity]
             if self.use_dsa or cross:
@@ -250,11 +260,13 @@ class MTALoss(nn.Module):
                     projected, h_t, w, unit.coverage, reduction="none"
                 )
 
-        # Three launches for every term at once: the batch means of the terms, then one product
-        # giving the loss and the two totals.
+        # A few launches for every term at once: the batch means of the terms, the loss as one
+        # dot product, and the two totals (logged only) as one more product.
         per_term = torch.stack([per_example[t] for t in self.terms]).mean(dim=1)
-        loss, dsa, hra = self.combine.to(per_term.dtype) @ per_term
+        combine = self.combine.to(per_term.dtype)
+        loss = combine[0] @ per_term
         shown = per_term.detach()
+        dsa, hra = combine[1:] @ shown
         components: dict[str, Tensor] = {}
         for name, total, used in (("dsa", dsa, self.use_dsa), ("hra", hra, self.use_hra)):
             if used:

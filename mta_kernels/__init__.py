@@ -2,7 +2,8 @@
 
 Public ops (shapes and equations in each docstring and in docs/design.md §2):
 
-* :func:`token_importance` — teacher token importance ``w`` [B, T] (Eq. 5–7), no T×T matrix.
+* :func:`token_importance` — teacher token importance ``w`` [B, T] (Eq. 5–7), no T×T matrix;
+  :func:`token_importance_layers` for several teacher layers in one set of launches.
 * :func:`span_pool` — weighted span pooling [B, K, d] (Eq. 8), no K×T matrix.
 * :func:`span_weights` — span weights ``p`` [B, K] (Eq. 9).
 * :func:`pairwise_distance` — cosine / euclidean unit distances [B, K, K].
@@ -20,7 +21,7 @@ from mta_kernels.hidden_alignment import hidden_alignment_loss
 from mta_kernels.pairwise_distance import pairwise_distance
 from mta_kernels.span_pool import SpanIndex, span_index, span_pool, span_weights
 from mta_kernels.structural_loss import structural_loss
-from mta_kernels.token_importance import token_importance
+from mta_kernels.token_importance import token_importance, token_importance_layers
 
 __all__ = [
     "SpanIndex",
@@ -36,4 +37,5 @@ __all__ = [
     "span_weights",
     "structural_loss",
     "token_importance",
+    "token_importance_layers",
 ]

@@ -162,15 +162,18 @@ def accumulate_rows(
     v_j,
     K,
     D,
+    first,
     METRIC: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """``grad_i += pair_update`` over all of ``D``: a read-modify-write of rows this program owns.
+    """``grad_i += pair_update`` over all of ``D``: a read-modify-write of rows this program owns
+    (a plain store for its ``first`` column block, so the buffer needs no zero-filling).
 
     Used where the coefficient tile is expensive (recomputed Gram tiles) and ``D`` too wide to
     keep ``grad_i`` in registers across the column blocks.
     """
+    read_rows = tl.where(first, 0, K)  # rows to read back: none on the first column block
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         update = pair_update(x_ptr, coef, offs_i, offs_j, v_i, v_j, offs_d, D, METRIC, PRECISION)
@@ -179,7 +182,9 @@ def accumulate_rows(
         # The previous column block stored these rows, maybe from other threads (the load and
         # store layouts can differ): Triton orders global memory only across a barrier.
         tl.debug_barrier()
-        grad = tl.load(grad_ptr + rows_i, mask=mask_i, other=0.0)
+        grad = tl.load(
+            grad_ptr + rows_i, mask=(offs_i[:, None] < read_rows) & (offs_d[None, :] < D), other=0.0
+        )
         tl.store(grad_ptr + rows_i, grad + update, mask=mask_i)
 
 

@@ -43,6 +43,13 @@ def _gather_block_t() -> int:
     return 16 if small_blocks() else 32
 
 
+def gather_block_d(width: int) -> int:
+    """Width of the backward gather's d-blocks: 64 keeps its [32, d-block] accumulator, the
+    loaded values and the covered-token flags in registers on sm_90 (128 spills with Triton
+    3.6)."""
+    return block_size(width, 64, floor=1)
+
+
 @triton.jit
 def _span_sum_kernel(
     h_ptr,  # [B, T, D] values to pool
@@ -91,6 +98,93 @@ def _span_sum_kernel(
     tl.store(out_ptr + span * D + offs_d, pooled, mask=offs_d < D)
     if pid_d == 0:
         tl.store(wsum_ptr + span, total)
+
+
+@triton.jit
+def _span_weights_kernel(
+    w_ptr,  # [B, T] token weights
+    starts_ptr,
+    ends_ptr,  # [B, K] int32 ranges, invalid spans empty
+    valid_ptr,  # [B, K] bool
+    out_ptr,  # [B, K] fp32 p (holds the raw sums between the two passes)
+    total_ptr,  # [B] fp32 Z = Σ_k p̃_k
+    T,
+    K,
+    eps,
+    BLOCK_K: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+):
+    """One program per example: ``p̃_k = Σ_{t∈span k} w_t`` for blocks of spans (each span's
+    tokens read once, ``BLOCK_L`` at a time), then ``p_k = v_k p̃_k / max(Z, eps)``."""
+    batch = tl.program_id(0).to(tl.int64)
+    total = tl.zeros((BLOCK_K,), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        in_range = offs_k < K
+        start = tl.load(starts_ptr + batch * K + offs_k, mask=in_range, other=0)
+        length = tl.load(ends_ptr + batch * K + offs_k, mask=in_range, other=0) - start
+        raw = tl.zeros((BLOCK_K,), tl.float32)
+        for l0 in range(0, tl.max(length, axis=0), BLOCK_L):
+            offs_l = l0 + tl.arange(0, BLOCK_L)
+            tokens = start[:, None] + offs_l[None, :]
+            w = tl.load(
+                w_ptr + batch * T + tokens, mask=offs_l[None, :] < length[:, None], other=0.0
+            )
+            raw += tl.sum(w.to(tl.float32), axis=1)
+        tl.store(out_ptr + batch * K + offs_k, raw, mask=in_range)
+        total += raw
+    z = tl.sum(total, axis=0)
+    tl.store(total_ptr + batch, z)
+    # `z < eps` (not tl.maximum) keeps a NaN total NaN: a NaN weight must reach every p.
+    denominator = tl.where(z < eps, eps, z)
+    tl.debug_barrier()  # the raw sums above were stored by other threads of this program
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        in_range = offs_k < K
+        raw = tl.load(out_ptr + batch * K + offs_k, mask=in_range, other=0.0)
+        valid = tl.load(valid_ptr + batch * K + offs_k, mask=in_range, other=0) != 0
+        tl.store(
+            out_ptr + batch * K + offs_k, tl.where(valid, raw / denominator, 0.0), mask=in_range
+        )
+
+
+@torch.library.custom_op("mta::span_weights", mutates_args=())
+@on_input_device
+def _span_weights(
+    weights: Tensor, starts: Tensor, ends: Tensor, valid: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Launch :func:`_span_weights_kernel`: (p [B, K], Z [B]), fp32."""
+    weights = contiguous(weights)
+    batch, num_tokens = weights.shape
+    num_spans = starts.shape[1]
+    probs = empty_output(batch, num_spans, dtype=torch.float32, device=weights.device)
+    total = empty_output(batch, dtype=torch.float32, device=weights.device)
+    if batch == 0:
+        return probs, total
+    if num_spans == 0:
+        return probs, total.zero_()
+    _span_weights_kernel[(batch,)](
+        weights,
+        starts,
+        ends,
+        contiguous(valid),
+        probs,
+        total,
+        num_tokens,
+        num_spans,
+        DENOM_EPS,
+        BLOCK_K=block_size(num_spans, 64 if small_blocks() else 128),
+        BLOCK_L=8,
+    )
+    return probs, total
+
+
+@_span_weights.register_fake
+def _(weights, starts, ends, valid):
+    return (
+        weights.new_empty(starts.shape, dtype=torch.float32),
+        weights.new_empty(weights.shape[:1], dtype=torch.float32),
+    )
 
 
 @triton.jit
@@ -335,7 +429,7 @@ def _span_gather(
         out = empty_output(batch, num_tokens, width, dtype=out_dtype, device=grads.device)
     else:
         out = grads.new_empty(0, dtype=out_dtype)
-    block_d = block_size(width, 64 if small_blocks() else 128, floor=1)
+    block_d = gather_block_d(width)
     n_dblocks = triton.cdiv(width, block_d)
     if dot_with is None:
         dots = grads.new_empty(0, dtype=torch.float32)
@@ -467,12 +561,8 @@ class SpanWeightsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, token_weights: Tensor, index: SpanIndex) -> Tensor:
         weights = contiguous(token_weights)
-        raw, _ = _span_sum(weights.unsqueeze(-1), index.starts, index.ends, None, False)
-        raw = raw.squeeze(-1)
-        total = raw.sum(-1, keepdim=True)
-        # Invalid spans get 0 even when a NaN weight makes the total NaN.
-        probs = torch.where(index.valid, raw / total.clamp_min(DENOM_EPS), 0.0)
-        ctx.save_for_backward(total, probs)
+        probs, total = _span_weights(weights, index.starts, index.ends, index.valid)
+        ctx.save_for_backward(total.unsqueeze(-1), probs)
         ctx.index = index
         ctx.weights_dtype = weights.dtype
         return probs

@@ -108,7 +108,7 @@ def _structural_fwd_kernel(
     valid_ptr,  # [B, K] bool
     tile_pairs_ptr,  # [n_pairs, 2] int32 (i-block, j-block) with i-block <= j-block
     inv_mean_ptr,  # [B, 2] fp32 (1/μ_S, 1/μ_T), euclidean loss stage
-    partial_ptr,  # [B, n_pairs, 3] fp32
+    partial_ptr,  # [3, B, n_pairs] fp32
     K,
     D_S,
     D_T,
@@ -150,11 +150,16 @@ def _structural_fwd_kernel(
     )
     valid = pair_mask(v_i, v_j, offs_i, offs_j)
     symmetry = tl.where(block_i == block_j, 1.0, 2.0)
-    out = partial_ptr + (batch * tl.num_programs(0) + pid) * 3
+    # [3, B, n_pairs]: the sums of each quantity contiguous per example, so that one tile pair's
+    # partials are the totals with no reduction (and a reduction yields contiguous rows)
+    out = partial_ptr + batch * tl.num_programs(0) + pid
+    part = tl.num_programs(1) * tl.num_programs(0)
     if STAGE == 0:
         tl.store(out, symmetry * tl.sum(tl.sum(tl.where(valid, student, 0.0), axis=1), axis=0))
-        tl.store(out + 1, symmetry * tl.sum(tl.sum(tl.where(valid, teacher, 0.0), axis=1), axis=0))
-        tl.store(out + 2, 0.0)
+        tl.store(
+            out + part, symmetry * tl.sum(tl.sum(tl.where(valid, teacher, 0.0), axis=1), axis=0)
+        )
+        tl.store(out + 2 * part, 0.0)
     else:
         p_i = tl.load(weight_ptr + batch * K + offs_i, mask=v_i, other=0.0).to(tl.float32)
         p_j = tl.load(weight_ptr + batch * K + offs_j, mask=v_j, other=0.0).to(tl.float32)
@@ -164,22 +169,22 @@ def _structural_fwd_kernel(
             inv_mean_s = tl.load(inv_mean_ptr + 2 * batch)
             inv_mean_t = tl.load(inv_mean_ptr + 2 * batch + 1)
             tl.store(
-                out + 1,
+                out + part,
                 2.0
                 * symmetry
                 * inv_mean_s
                 * tl.sum(tl.sum(weighted_error * student, axis=1), axis=0),
             )
             tl.store(
-                out + 2,
+                out + 2 * part,
                 2.0
                 * symmetry
                 * inv_mean_t
                 * tl.sum(tl.sum(weighted_error * teacher, axis=1), axis=0),
             )
         else:
-            tl.store(out + 1, 0.0)
-            tl.store(out + 2, 0.0)
+            tl.store(out + part, 0.0)
+            tl.store(out + 2 * part, 0.0)
 
 
 @triton.jit
@@ -221,7 +226,7 @@ def _structural_bwd_kernel(
     coupling_ptr,  # [B, 2] fp32 (a_S, a_T) = Σ 2 W E D / N_pairs (euclidean)
     scale_ptr,  # [B] fp32 dL/dL_b
     grad_student_ptr,
-    grad_teacher_ptr,  # [n_split, B, K, D] fp32 zero-initialized partial gradients
+    grad_teacher_ptr,  # [n_split, B, K, D] fp32 partial gradients (written, then accumulated)
     grad_weight_ptr,  # [n_split, B, K] fp32 partial gradients
     K,
     D_S,
@@ -296,6 +301,7 @@ def _structural_bwd_kernel(
                 v_j,
                 K,
                 D_S,
+                j0 == split * BLOCK_J,
                 METRIC,
                 BLOCK_D_S,
                 PRECISION,
@@ -314,6 +320,7 @@ def _structural_bwd_kernel(
                 v_j,
                 K,
                 D_T,
+                j0 == split * BLOCK_J,
                 METRIC,
                 BLOCK_D_T,
                 PRECISION,
@@ -373,7 +380,7 @@ def _structural_forward(
     meta = _meta(metric, width_s, teacher_rows.shape[2], student_rows.dtype)
     device = student_rows.device
     tile_pairs = _upper_tile_pairs(triton.cdiv(max(num_units, 1), meta["BLOCK_I"]), device)
-    partial = empty_output(batch, tile_pairs.shape[0], 3, dtype=torch.float32, device=device)
+    partial = empty_output(3, batch, tile_pairs.shape[0], dtype=torch.float32, device=device)
     if metric == "cosine":
         inv_mean = partial.new_empty(0)
     else:
@@ -382,7 +389,7 @@ def _structural_forward(
 
     def launch(stage: int) -> Tensor:
         if batch * num_units == 0:
-            return partial.new_zeros(batch, 3)
+            return partial.new_zeros(3, batch)
         _structural_fwd_kernel[(tile_pairs.shape[0], batch)](
             student_rows,
             teacher_rows,
@@ -397,14 +404,15 @@ def _structural_forward(
             STAGE=stage,
             **meta,
         )
-        return partial.sum(1)
+        # [3, B] totals; a single tile pair (K within one block) holds them already
+        return partial[..., 0] if tile_pairs.shape[0] == 1 else partial.sum(-1)
 
     if metric == "cosine":
-        return launch(_STAGE_LOSS)[:, 0].contiguous(), inv_mean, partial.new_empty(0)
-    means = launch(_STAGE_MEANS)[:, :2] / pair_count
+        return launch(_STAGE_LOSS)[0], inv_mean, partial.new_empty(0)
+    means = launch(_STAGE_MEANS)[:2].t() / pair_count
     inv_mean = torch.where(means != 0, 1.0 / means, inv_mean).contiguous()
     sums = launch(_STAGE_LOSS)
-    return sums[:, 0].contiguous(), inv_mean, (sums[:, 1:] / pair_count).contiguous()
+    return sums[0].contiguous(), inv_mean, (sums[1:].t() / pair_count).contiguous()
 
 
 @_structural_forward.register_fake
@@ -443,7 +451,8 @@ def _structural_backward(
     n_split = _column_splits(row_blocks * batch, row_blocks, device)
 
     def buffer(needed: bool, *shape: int) -> Tensor:
-        return torch.zeros(*shape if needed else (0,), dtype=torch.float32, device=device)
+        # every element is written: each split owns at least one column block
+        return empty_output(*shape if needed else (0,), dtype=torch.float32, device=device)
 
     grad_student = buffer(need_student, n_split, batch, num_units, width_s)
     grad_teacher = buffer(need_teacher, n_split, batch, num_units, width_t)
@@ -470,7 +479,9 @@ def _structural_backward(
         )
 
     def reduce(grad: Tensor) -> Tensor:
-        return grad.sum(0) if grad.numel() > 0 else grad
+        if grad.numel() == 0:
+            return grad
+        return grad[0] if grad.shape[0] == 1 else grad.sum(0)
 
     return reduce(grad_student), reduce(grad_teacher), reduce(grad_weights)
 

@@ -11,9 +11,14 @@
 
 Scores are ``r_s r_t ⟨H_s, H_t⟩ / √d``: ``tl.dot`` on the raw states (tensor cores for 16-bit input)
 with the normalization folded in afterwards. The op has no gradient (teacher side).
+
+:func:`token_importance_layers` computes it for up to :data:`LAYERS_PER_LAUNCH` teacher layers of
+the same shape in those three launches (a grid axis over the layers, each program picking its
+layer's tensor), which is how :class:`mta.loss.MTALoss` calls it.
 """
 
 import math
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -32,10 +37,26 @@ from mta_kernels._common import (
 )
 from mta_kernels._validation import STD_EPS, check_token_importance_args
 
+#: Teacher layers one set of launches handles (the kernels take that many tensor arguments).
+LAYERS_PER_LAUNCH = 4
+
 
 @triton.jit
-def _inv_std_kernel(h_ptr, mask_ptr, inv_std_ptr, D, eps, BLOCK_D: tl.constexpr):
-    """One program per token: ``1 / (std(H_t) + eps)`` (Bessel-corrected), 0 on padding."""
+def _layer(h0_ptr, h1_ptr, h2_ptr, h3_ptr, layer):
+    """The hidden states of ``layer`` (0..3) among the launch's tensors."""
+    return tl.where(
+        layer == 0, h0_ptr, tl.where(layer == 1, h1_ptr, tl.where(layer == 2, h2_ptr, h3_ptr))
+    )
+
+
+@triton.jit
+def _inv_std_kernel(
+    h0_ptr, h1_ptr, h2_ptr, h3_ptr, mask_ptr, inv_std_ptr, n_rows, D, eps, BLOCK_D: tl.constexpr
+):
+    """One program per (token, layer): ``1 / (std(H_t) + eps)`` (Bessel-corrected), 0 on
+    padding; ``inv_std`` is [L, B·T]."""
+    layer = tl.program_id(1)
+    h_ptr = _layer(h0_ptr, h1_ptr, h2_ptr, h3_ptr, layer)
     row = tl.program_id(0).to(tl.int64)
     total = tl.zeros((BLOCK_D,), tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -50,7 +71,7 @@ def _inv_std_kernel(h_ptr, mask_ptr, inv_std_ptr, D, eps, BLOCK_D: tl.constexpr)
         sq += centred * centred
     std = tl.sqrt(tl.sum(sq, axis=0) / (D - 1))
     valid = tl.load(mask_ptr + row) != 0
-    tl.store(inv_std_ptr + row, tl.where(valid, 1.0 / (std + eps), 0.0))
+    tl.store(inv_std_ptr + layer * n_rows + row, tl.where(valid, 1.0 / (std + eps), 0.0))
 
 
 @triton.jit
@@ -97,11 +118,15 @@ def _score_tile(
 
 @triton.jit
 def _row_stats_kernel(
-    h_ptr,
+    h0_ptr,
+    h1_ptr,
+    h2_ptr,
+    h3_ptr,
     inv_std_ptr,
     mask_ptr,
     row_max_ptr,
     row_factor_ptr,
+    B,
     T,
     D,
     scale,
@@ -110,8 +135,15 @@ def _row_stats_kernel(
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Online softmax over key tiles for a block of query rows: stores ``m_s`` and ``c_s``."""
-    pid_m, batch = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    """Online softmax over key tiles for a block of query rows: stores ``m_s`` and ``c_s``
+    (grid axis 1: example + B·layer; the per-layer buffers are [L, B, T])."""
+    pid_m, batch, layer = tl.program_id(0), tl.program_id(1) % B, tl.program_id(1) // B
+    h_ptr = _layer(h0_ptr, h1_ptr, h2_ptr, h3_ptr, layer)
+    batch = batch.to(tl.int64)
+    shift = layer.to(tl.int64) * B * T  # this layer's slice of the [L, B, T] buffers
+    inv_std_ptr += shift
+    row_max_ptr += shift
+    row_factor_ptr += shift
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     row_sum = tl.zeros((BLOCK_M,), tl.float32)
@@ -155,12 +187,16 @@ def _row_stats_kernel(
 
 @triton.jit
 def _column_sum_kernel(
-    h_ptr,
+    h0_ptr,
+    h1_ptr,
+    h2_ptr,
+    h3_ptr,
     inv_std_ptr,
     mask_ptr,
     row_max_ptr,
     row_factor_ptr,
     out_ptr,
+    B,
     T,
     D,
     scale,
@@ -169,8 +205,16 @@ def _column_sum_kernel(
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """``w_t = Σ_s exp(A_st − m_s) c_s`` for a block of key columns, zero on padding."""
-    pid_n, batch = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    """``w_t = Σ_s exp(A_st − m_s) c_s`` for a block of key columns, zero on padding (grid axis
+    1: example + B·layer)."""
+    pid_n, batch, layer = tl.program_id(0), tl.program_id(1) % B, tl.program_id(1) // B
+    h_ptr = _layer(h0_ptr, h1_ptr, h2_ptr, h3_ptr, layer)
+    batch = batch.to(tl.int64)
+    shift = layer.to(tl.int64) * B * T
+    inv_std_ptr += shift
+    row_max_ptr += shift
+    row_factor_ptr += shift
+    out_ptr += shift
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_N,), tl.float32)
     for m0 in range(0, T, BLOCK_M):
@@ -222,34 +266,91 @@ def _launch_meta(num_tokens: int, width: int, dtype: torch.dtype) -> dict[str, i
 
 @torch.library.custom_op("mta::token_importance", mutates_args=())
 @on_input_device
-def _token_importance_fused(hidden: Tensor, attention_mask: Tensor) -> Tensor:
-    """Triton token importance on validated inputs: [B, T] float32."""
-    hidden = contiguous(hidden)
-    batch, num_tokens, width = hidden.shape
+def _token_importance_fused(hiddens: list[Tensor], attention_mask: Tensor) -> Tensor:
+    """Triton token importance of up to :data:`LAYERS_PER_LAUNCH` validated layers of one
+    shape: [L, B, T] float32."""
+    layers = len(hiddens)
+    hiddens = [contiguous(h) for h in hiddens]
+    batch, num_tokens, width = hiddens[0].shape
+    device = hiddens[0].device
     mask = contiguous(attention_mask)  # read as `!= 0`, whatever its integer or bool dtype
-    out = empty_output(batch, num_tokens, dtype=torch.float32, device=hidden.device)
+    out = empty_output(layers, batch, num_tokens, dtype=torch.float32, device=device)
     if out.numel() == 0:
         return out
     inv_std, row_max, row_factor = (
-        empty_output(batch, num_tokens, dtype=torch.float32, device=hidden.device) for _ in range(3)
+        empty_output(layers, batch, num_tokens, dtype=torch.float32, device=device)
+        for _ in range(3)
     )
-    meta = _launch_meta(num_tokens, width, hidden.dtype)
+    pointers = (*hiddens, *hiddens[:1] * (LAYERS_PER_LAUNCH - layers))  # unused slots: layer 0
+    meta = _launch_meta(num_tokens, width, hiddens[0].dtype)
     scale = 1.0 / math.sqrt(width)
-    _inv_std_kernel[(batch * num_tokens,)](
-        hidden, mask, inv_std, width, STD_EPS, BLOCK_D=block_size(width, 1024)
+    _inv_std_kernel[(batch * num_tokens, layers)](
+        *pointers,
+        mask,
+        inv_std,
+        batch * num_tokens,
+        width,
+        STD_EPS,
+        BLOCK_D=block_size(width, 1024),
     )
-    _row_stats_kernel[(triton.cdiv(num_tokens, meta["BLOCK_M"]), batch)](
-        hidden, inv_std, mask, row_max, row_factor, num_tokens, width, scale, **meta
+    _row_stats_kernel[(triton.cdiv(num_tokens, meta["BLOCK_M"]), batch * layers)](
+        *pointers, inv_std, mask, row_max, row_factor, batch, num_tokens, width, scale, **meta
     )
-    _column_sum_kernel[(triton.cdiv(num_tokens, meta["BLOCK_N"]), batch)](
-        hidden, inv_std, mask, row_max, row_factor, out, num_tokens, width, scale, **meta
+    _column_sum_kernel[(triton.cdiv(num_tokens, meta["BLOCK_N"]), batch * layers)](
+        *pointers,
+        inv_std,
+        mask,
+        row_max,
+        row_factor,
+        out,
+        batch,
+        num_tokens,
+        width,
+        scale,
+        **meta,
     )
     return out
 
 
 @_token_importance_fused.register_fake
-def _(hidden: Tensor, attention_mask: Tensor) -> Tensor:
-    return hidden.new_empty(hidden.shape[:2], dtype=torch.float32)
+def _(hiddens: list[Tensor], attention_mask: Tensor) -> Tensor:
+    return hiddens[0].new_empty((len(hiddens), *hiddens[0].shape[:2]), dtype=torch.float32)
+
+
+def token_importance_layers(hiddens: Sequence[Tensor], attention_mask: Tensor) -> Tensor:
+    """:func:`token_importance` of several layers of one model: [L, B, T] float32, no grad.
+
+    Args:
+        hiddens: L tensors [B, T, d], all of one shape and dtype (e.g. the teacher layers a layer
+            plan aligns).
+        attention_mask: [B, T] bool or integer, 1 for real tokens.
+
+    The fused path handles :data:`LAYERS_PER_LAUNCH` layers per set of three launches.
+    """
+    hiddens = list(hiddens)
+    if not hiddens:
+        raise ValueError("hiddens must hold at least one tensor [B, T, d]")
+    for i, hidden in enumerate(hiddens):
+        if not isinstance(hidden, Tensor):
+            raise TypeError(f"hiddens[{i}] must be a torch.Tensor, got {type(hidden).__name__}")
+        if hidden.shape != hiddens[0].shape or hidden.dtype != hiddens[0].dtype:
+            raise ValueError(
+                f"hiddens must share one shape and dtype: hiddens[0] is "
+                f"{tuple(hiddens[0].shape)} {hiddens[0].dtype}, hiddens[{i}] is "
+                f"{tuple(hidden.shape)} {hidden.dtype}"
+            )
+    if not use_triton(*hiddens):
+        return torch.stack([reference.token_importance(h, attention_mask) for h in hiddens])
+    for hidden in hiddens:
+        check_token_importance_args(hidden, attention_mask)
+    with torch.no_grad():
+        groups = [
+            _token_importance_fused(
+                [h.detach() for h in hiddens[i : i + LAYERS_PER_LAUNCH]], attention_mask
+            )
+            for i in range(0, len(hiddens), LAYERS_PER_LAUNCH)
+        ]
+    return groups[0] if len(groups) == 1 else torch.cat(groups)
 
 
 def token_importance(hidden: Tensor, attention_mask: Tensor) -> Tensor:
@@ -273,4 +374,4 @@ def token_importance(hidden: Tensor, attention_mask: Tensor) -> Tensor:
         return reference.token_importance(hidden, attention_mask)
     check_token_importance_args(hidden, attention_mask)
     with torch.no_grad():
-        return _token_importance_fused(hidden.detach(), attention_mask)
+        return _token_importance_fused([hidden.detach()], attention_mask)[0]

@@ -192,18 +192,19 @@ def test_batch_without_valid_units_gives_zero(cross: bool, num_units: int) -> No
 
 @pytest.mark.usefixtures("reference_ops")
 def test_teacher_importance_computed_once_per_teacher_layer(monkeypatch) -> None:
-    calls: list[int] = []
-    original = mk.token_importance
+    """One call for all the distinct teacher layers (4 and 8), each once."""
+    calls: list[list[int]] = []
+    original = mk.token_importance_layers
 
-    def counting(hidden, attention_mask):
-        calls.append(id(hidden))
-        return original(hidden, attention_mask)
+    def counting(hiddens, attention_mask):
+        calls.append([id(h) for h in hiddens])
+        return original(hiddens, attention_mask)
 
-    monkeypatch.setattr(mk, "token_importance", counting)
+    monkeypatch.setattr(mk, "token_importance_layers", counting)
     pairs = [LayerPair(2, 4, "word"), LayerPair(3, 4, "phrase"), LayerPair(4, 8, "phrase")]
     student, teacher = _states(cross=False)
     MTALoss(D_S, D_T, pairs)(student, teacher, _batch(cross=False))
-    assert len(calls) == 2
+    assert len(calls) == 1 and len(calls[0]) == len(set(calls[0])) == 2
 
 
 @pytest.mark.usefixtures("reference_ops")

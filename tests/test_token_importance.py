@@ -94,3 +94,28 @@ def test_nan_in_padding_does_not_leak(device):
     got = mk.token_importance(hidden.to(device), mask.to(device)).cpu()
     assert torch.isfinite(got).all()
     assert rel_error(got, ref.token_importance(hidden.double(), mask)) < 1e-5
+
+
+@pytest.mark.parametrize("layers", [1, 3, 6])  # 6: two sets of launches (4 layers each at most)
+def test_several_layers_at_once(layers, device, seed):
+    hiddens = [torch.randn(2, 37, 24) for _ in range(layers)]
+    mask = torch.ones(2, 37, dtype=torch.long)
+    mask[1, 30:] = 0
+    together = mk.token_importance_layers([h.to(device) for h in hiddens], mask.to(device))
+    assert together.shape == (layers, 2, 37)
+    for h, w in zip(hiddens, together, strict=True):
+        expected = ref.token_importance(h.double(), mask)
+        assert rel_error(w, expected) <= 1e-5, f"seed={seed}"
+        assert torch.equal(w, mk.token_importance(h.to(device), mask.to(device)))
+
+
+def test_several_layers_argument_errors():
+    mask = torch.ones(2, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="at least one tensor"):
+        mk.token_importance_layers([], mask)
+    with pytest.raises(
+        ValueError, match=r"share one shape and dtype: .* hiddens\[1\] is \(2, 5, 3\)"
+    ):
+        mk.token_importance_layers([torch.randn(2, 5, 4), torch.randn(2, 5, 3)], mask)
+    with pytest.raises(TypeError, match=r"hiddens\[0\] must be a torch.Tensor"):
+        mk.token_importance_layers([[1.0]], mask)
