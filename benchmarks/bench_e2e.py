@@ -1,10 +1,12 @@
 """End-to-end cost of MTA in one distillation step of a GPT-2 pair built from configs.
 
-Variants (same models, same batches): ``base`` = forward-KL distillation alone on the models'
-logits; ``fused_head`` = the same forward KL through
-:func:`mta.kd_losses.fused_linear_distillation_loss` (both models run without their LM heads; no
-``[B, T, V]`` logits); ``mta`` = base + the MTA term of :func:`benchmarks.bench_ops.mta_loss`
-through the fused ``mta_kernels`` ops; ``eager`` = the same through ``mta_kernels.reference``.
+Variants (same models, same batches), all on the shipped modules: ``base`` = forward-KL
+distillation alone on the models' logits (:func:`mta.kd_losses.distillation_loss`);
+``fused_head`` = the same forward KL through :func:`mta.kd_losses.fused_linear_distillation_loss`
+(both models run without their LM heads; no ``[B, T, V]`` logits); ``mta`` = base + the MTA term of
+:class:`mta.loss.MTALoss` (the default :func:`mta.layers.plan_layers` of the pair, the batch's
+:class:`mta.unit_plan.UnitPlan`) through the fused ``mta_kernels`` ops; ``eager`` = the same
+through the eager reference (``mta_kernels.prefer_reference(cuda=True)``).
 A step is teacher forward (no grad), student forward, loss, backward and an AdamW step; on CUDA
 the models run under bf16 autocast (teacher weights in bf16, student master weights in fp32) and
 the MTA term outside autocast (its math is fp32 by spec). Weights are random: the cost of a step
@@ -30,13 +32,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 import mta_kernels as mk
 from benchmarks import harness
-from benchmarks.bench_ops import RESULTS_DIR, Shape, make_batch, mta_loss, units_for
-from mta.kd_losses import fused_linear_distillation_loss
-from mta_kernels import reference
+from benchmarks.bench_ops import RESULTS_DIR, Shape, make_batch, units_for
+from mta.kd_losses import distillation_loss, fused_linear_distillation_loss
+from mta.layers import plan_layers
+from mta.loss import MTALoss
 
 E2E_COLUMNS = (
     "variant",
@@ -75,36 +78,12 @@ PRESETS = {
 }
 
 
-def key_layers(n_student: int, n_teacher: int, num_key_layers: int = 3) -> list[tuple[int, int]]:
-    """(student, teacher) hidden-state indices, lowest first (docs/design.md §2's default plan).
-
-    Student layers top-down from the last with stride ``n_student // (num_key_layers + 1)``
-    (GPT-2 12 layers: 6, 9, 12); teacher layer ``floor(l · n_teacher / n_student)``.
-    """
-    stride = max(1, n_student // (num_key_layers + 1))
-    student = [n_student - stride * i for i in reversed(range(num_key_layers))]
-    return [(layer, layer * n_teacher // n_student) for layer in student]
-
-
-def forward_kl(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> Tensor:
-    """Token-mean ``KL(p_T ‖ p_S)`` at temperature 1 over positions whose next label != -100.
-
-    Logits [B, T, V] at position t predict the label at t + 1 (HF convention); computed in fp32.
-    """
-    log_p_s = student_logits[:, :-1].float().log_softmax(-1)
-    log_p_t = teacher_logits[:, :-1].float().log_softmax(-1)
-    valid = labels[:, 1:] != IGNORE_INDEX
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
-    return (kl * valid).sum() / valid.sum().clamp_min(1)
-
-
 @dataclass
 class Models:
     teacher: nn.Module
     student: nn.Module
-    projectors: nn.ModuleList  # Linear(d_S -> d_T, no bias) per key layer
+    mta_loss: MTALoss  # the default layer plan of the pair, with its projectors
     optimizer: torch.optim.Optimizer
-    layers: list[tuple[int, int]]
     preset: Preset
 
 
@@ -125,14 +104,13 @@ def build_models(preset: Preset, device: torch.device, seed: int = 0) -> Models:
     with torch.device(device):
         teacher = GPT2LMHeadModel(config(*preset.teacher)).eval().requires_grad_(False)
         student = GPT2LMHeadModel(config(*preset.student)).train()
-        d_s, d_t = preset.student[1], preset.teacher[1]
-        projectors = nn.ModuleList(nn.Linear(d_s, d_t, bias=False) for _ in range(3))
+        pairs = plan_layers(preset.student[0], preset.teacher[0])
+        mta_loss = MTALoss(preset.student[1], preset.teacher[1], pairs)
     if device.type == "cuda":
         teacher.to(torch.bfloat16)
-    params = [*student.parameters(), *projectors.parameters()]
+    params = [*student.parameters(), *mta_loss.parameters()]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
-    layers = key_layers(preset.student[0], preset.teacher[0])
-    return Models(teacher, student, projectors, optimizer, layers, preset)
+    return Models(teacher, student, mta_loss, optimizer, preset)
 
 
 def make_step_batch(preset: Preset, device: torch.device, seed: int) -> dict[str, Any]:
@@ -146,7 +124,7 @@ def make_step_batch(preset: Preset, device: torch.device, seed: int) -> dict[str
         "input_ids": input_ids,
         "attention_mask": units.attention_mask,
         "labels": labels,
-        "units": units,
+        "unit_plan": units.plan,
     }
 
 
@@ -181,17 +159,18 @@ def train_step(models: Models, variant: str, batch: dict[str, Any]) -> None:
             with torch.no_grad():
                 teacher_out = models.teacher(**inputs)
             student_out = models.student(**inputs)
-            loss = forward_kl(student_out.logits, teacher_out.logits, batch["labels"])
-    if with_mta:
-        ops = mk if variant == "mta" else reference
-        with torch.autocast(device.type, enabled=False):
-            loss = loss + mta_loss(
-                ops,
-                [student_out.hidden_states[s] for s, _ in models.layers],
-                [teacher_out.hidden_states[t] for _, t in models.layers],
-                [p.weight for p in models.projectors],
-                batch["units"],
+            loss = distillation_loss(
+                student_out.logits, teacher_out.logits, batch["labels"], kind="fkl"
             )
+    if with_mta:
+        reference = (
+            mk.prefer_reference(cuda=True) if variant == "eager" else contextlib.nullcontext()
+        )
+        with reference:  # MTALoss runs its own math outside autocast
+            mta = models.mta_loss(
+                student_out.hidden_states, teacher_out.hidden_states, batch["unit_plan"]
+            )
+        loss = loss + mta.loss
     loss.backward()
     models.optimizer.step()
     models.optimizer.zero_grad(set_to_none=True)

@@ -6,11 +6,10 @@ CUDA). Modes: ``forward``, ``backward`` (the forward is run untimed, then
 ``backward(retain_graph=True)`` is timed), ``full``. Ops that produce teacher-side quantities
 without a gradient (``token_importance``, ``span_weights``) have the forward mode only.
 
-``mta_loss`` is the MTA term of one training step (docs/design.md §2), written once in
-:func:`mta_loss` for any op namespace: 3 layer pairs (one word-level with ``K`` units, two
-phrase-level with ``K // 3``), teacher token importance per teacher layer, student and teacher
-pooled with the teacher's ``w``, span weights, the structural loss per pair, and the hidden
-alignment loss on the student projected by a ``d_S -> d_T`` linear map. In the CSV its ``K`` is the
+``mta_loss`` is the MTA term of one training step (docs/design.md §2) as the library computes it:
+the shipped :class:`mta.loss.MTALoss` on the batch's :class:`mta.unit_plan.UnitPlan` for 3 layer
+pairs (one word-level with ``K`` units, two phrase-level with ``K // 3``); the ``eager`` and
+``compile`` providers run the same module on the reference ops. In the CSV its ``K`` is the
 word-unit count.
 
 Usage::
@@ -33,11 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 import mta_kernels as mk
 from benchmarks import harness
+from mta.layers import LayerPair
+from mta.loss import MTALoss
+from mta.unit_plan import UnitPlan
 from mta_kernels import reference
 
 PROVIDERS = ("mta", "eager", "compile")  # run in this order: the fused rows first
@@ -94,6 +95,7 @@ class MTABatch:
     attention_mask: Tensor  # int64 [B, T], right padding
     word: Units
     phrase: Units
+    plan: UnitPlan  # built from the same units on the CPU, as the collator builds it
     granularities: tuple[str, ...] = GRANULARITIES
 
 
@@ -165,10 +167,13 @@ def make_batch(shape: Shape, device: torch.device, seed: int) -> MTABatch:
         spans, mask = (t.to(device) for t in spans_and_mask)
         return Units(spans, mask, covered_tokens(spans, mask, attention_mask))
 
+    word = word_spans(lengths, shape.K, shape.T, gen)
+    phrase = phrase_spans(lengths, shape.k_phrase, shape.T, gen)
+    keys = {"attention_mask": attention_mask.cpu()}
+    for g, (spans, mask) in (("word", word), ("phrase", phrase)):
+        keys[f"{g}_student_spans"], keys[f"{g}_span_mask"] = spans, mask
     return MTABatch(
-        attention_mask,
-        units(word_spans(lengths, shape.K, shape.T, gen)),
-        units(phrase_spans(lengths, shape.k_phrase, shape.T, gen)),
+        attention_mask, units(word), units(phrase), UnitPlan.from_batch(keys).to(device)
     )
 
 
@@ -254,50 +259,37 @@ def _hidden_alignment_inputs(m: _Maker) -> Inputs:
     )
 
 
+#: The layer pairs of the ``mta_loss`` rows: one word-level pair and two phrase-level ones.
+MTA_PAIRS = (
+    LayerPair(1, 2, "word"),
+    LayerPair(2, 4, "phrase"),
+    LayerPair(3, 6, "phrase"),
+)
+
+
 def _mta_loss_inputs(m: _Maker) -> Inputs:
-    s, pairs = m.shape, len(GRANULARITIES)
+    s = m.shape
+    module = MTALoss(s.d_student, s.d_teacher, MTA_PAIRS).to(m.device)
+    m.leaves.extend(module.parameters())
     return m.inputs(
-        student_hidden=[m.randn(s.B, s.T, s.d_student, grad=True) for _ in range(pairs)],
-        teacher_hidden=[m.randn(s.B, s.T, s.d_teacher) for _ in range(pairs)],
-        projections=[
-            m.randn(s.d_teacher, s.d_student, grad=True, scale=s.d_student**-0.5)
-            for _ in range(pairs)
-        ],
-        batch=m.batch,
+        module=module,
+        student_hidden={
+            p.student_layer: m.randn(s.B, s.T, s.d_student, grad=True) for p in MTA_PAIRS
+        },
+        teacher_hidden={p.teacher_layer: m.randn(s.B, s.T, s.d_teacher) for p in MTA_PAIRS},
+        plan=m.batch.plan,
     )
 
 
 # ----------------------------------------------------------------------------- the MTA loss
 
 
-def mta_loss(
-    ops: Any,
-    student_hidden: Sequence[Tensor],
-    teacher_hidden: Sequence[Tensor],
-    projections: Sequence[Tensor],
-    batch: MTABatch,
-    lambda_dsa: float = LAMBDA_DSA,
-    lambda_hra: float = LAMBDA_HRA,
-) -> Tensor:
-    """MTA term of one step (Eq. 14 without the base loss): ``λ_DSA·mean(L_DSA) + λ_HRA·ΣL_HRA``.
-
-    ``ops`` is an op namespace (``mta_kernels`` or ``mta_kernels.reference``). Per layer pair ``l``
-    (granularity ``batch.granularities[l]``): ``w = token_importance(H^T_l)``, units of student
-    and teacher pooled with ``w``, ``p = span_weights(w)``, ``L_DSA = structural_loss``, and
-    ``L_HRA = hidden_alignment_loss(H^S_l W_lᵀ, H^T_l, w, covered)`` with ``W_l`` [d_T, d_S].
-    Student hidden states [B, T, d_S], teacher [B, T, d_T]; returns a float32 scalar.
-    """
-    dsa, hra = [], []
-    pairs = zip(student_hidden, teacher_hidden, projections, batch.granularities, strict=True)
-    for h_s, h_t, weight, granularity in pairs:
-        units: Units = getattr(batch, granularity)
-        w = ops.token_importance(h_t, batch.attention_mask)
-        u_s = ops.span_pool(h_s, units.spans, units.mask, w)
-        u_t = ops.span_pool(h_t, units.spans, units.mask, w)
-        p = ops.span_weights(w, units.spans, units.mask)
-        dsa.append(ops.structural_loss(u_s, u_t, p, units.mask))
-        hra.append(ops.hidden_alignment_loss(F.linear(h_s, weight), h_t, w, units.covered))
-    return lambda_dsa * torch.stack(dsa).mean() + lambda_hra * torch.stack(hra).sum()
+def mta_loss(args: dict[str, Any]) -> Tensor:
+    """The MTA term of one step, by the shipped :class:`mta.loss.MTALoss` on the batch's
+    :class:`mta.unit_plan.UnitPlan` (Eq. 14 without the base loss): the ops it runs are the fused
+    ones, or the eager reference under ``mta_kernels.prefer_reference(cuda=True)`` (how the
+    ``eager`` and ``compile`` providers call it)."""
+    return args["module"](args["student_hidden"], args["teacher_hidden"], args["plan"]).loss
 
 
 # ----------------------------------------------------------------------------- roofline
@@ -452,13 +444,7 @@ OPS: dict[str, OpSpec] = {
         ),
         lambda s: (),
     ),
-    "mta_loss": OpSpec(
-        _mta_loss_inputs,
-        lambda ops, a: mta_loss(
-            ops, a["student_hidden"], a["teacher_hidden"], a["projections"], a["batch"]
-        ),
-        lambda s: (),
-    ),
+    "mta_loss": OpSpec(_mta_loss_inputs, lambda ops, a: mta_loss(a), lambda s: ()),
 }
 
 
@@ -473,13 +459,21 @@ def provider_forward(
 ) -> Callable[[dict[str, Any]], Tensor]:
     """``args -> output`` of ``op`` for a provider; compiled callables are cached per op."""
     call = OPS[op].call
-    if provider == "eager":
-        return functools.partial(call, reference)
     if provider == "mta":
         return functools.partial(call, mk)
-    if provider == "compile":
-        return torch.compile(functools.partial(call, reference), backend=compile_backend)
-    raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
+    if provider == "eager":
+        run = functools.partial(call, reference)
+    elif provider == "compile":
+        run = torch.compile(functools.partial(call, reference), backend=compile_backend)
+    else:
+        raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
+
+    def on_the_reference(args: dict[str, Any]) -> Tensor:
+        # modules that call the public ops (MTALoss) take the reference on every device too
+        with mk.prefer_reference(cuda=True):
+            return run(args)
+
+    return on_the_reference
 
 
 def _forward_backward(

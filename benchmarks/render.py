@@ -74,11 +74,11 @@ METHOD = """\
   ops (Triton on CUDA). Modes: `forward`, `backward` (forward untimed, `backward(retain_graph=True)`
   timed) and `full`. Teacher-side ops without a gradient (`token_importance`, `span_weights`) have
   the forward mode only.
-* **`mta_loss`** is the MTA term of one step: 3 layer pairs (one word-level with `K` units, two
-  phrase-level with `K // 3`), teacher token importance per teacher layer, student and teacher
-  pooled with the teacher's weights, span weights, the structural loss per pair, and the hidden
-  alignment loss on the student projected by a `d_S -> d_T` linear map. Its `K` column is the word
-  count.
+* **`mta_loss`** is the MTA term of one step as the library computes it: `mta.loss.MTALoss`
+  forward (and backward) on the batch's `UnitPlan` (built on the CPU, as the collator builds it)
+  for 3 layer pairs (one word-level with `K` units, two phrase-level with `K // 3`); the `eager`
+  and `compile` providers run the same module on the reference ops
+  (`mta_kernels.prefer_reference(cuda=True)`). Its `K` column is the word count.
 * **Inputs.** Random hidden states; right-padded masks (the first example full, the others
   3/4 to all of `T` valid); word spans partition the valid tokens (~300 per 512 tokens), phrase
   spans cover 2–6 tokens. Three input sets are timed round-robin.

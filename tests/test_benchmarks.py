@@ -15,8 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import mta_kernels as mk
 from benchmarks import bench_e2e, bench_ops, harness, render
 from benchmarks.bench_ops import OPS, PAPER, Shape
+from mta.layers import plan_layers
+from mta.loss import MTALoss
 from mta_kernels import reference
 
 TINY = Shape(B=2, T=12, K=7, d_student=8, d_teacher=12)
@@ -95,14 +98,21 @@ def test_covered_tokens_matches_the_membership_matrix(seed):
 
 
 def test_mta_loss_is_zero_when_student_equals_teacher():
-    """Same hidden states, identity projection: equal unit geometry (DSA) and cosine 1 (HRA)."""
+    """MTALoss on the batch's plan: same hidden states and identity projectors give equal unit
+    geometry (DSA) and cosine 1 (HRA)."""
     batch = bench_ops.make_batch(TINY, torch.device("cpu"), seed=0)
-    hidden = [torch.randn(TINY.B, TINY.T, TINY.d_teacher) for _ in range(3)]
-    identity = [torch.eye(TINY.d_teacher) for _ in range(3)]
-    loss = bench_ops.mta_loss(reference, hidden, hidden, identity, batch)
-    assert loss.abs() < 1e-5  # fp32 rounding of cosines near 1
-    shifted = [h + torch.randn_like(h) for h in hidden]
-    assert bench_ops.mta_loss(reference, shifted, hidden, identity, batch) > 1e-3
+    pairs = bench_ops.MTA_PAIRS
+    module = MTALoss(TINY.d_teacher, TINY.d_teacher, pairs)
+    for projector in module.projectors.values():
+        torch.nn.init.eye_(projector.weight)
+    teacher = {p.teacher_layer: torch.randn(TINY.B, TINY.T, TINY.d_teacher) for p in pairs}
+    student = {p.student_layer: teacher[p.teacher_layer] for p in pairs}  # aligned = equal
+    args = {"module": module, "student_hidden": student, "teacher_hidden": teacher}
+    with mk.prefer_reference():
+        assert bench_ops.mta_loss({**args, "plan": batch.plan}).abs() < 1e-5  # fp32 rounding
+        shifted = {layer: h + torch.randn_like(h) for layer, h in student.items()}
+        args["student_hidden"] = shifted
+        assert bench_ops.mta_loss({**args, "plan": batch.plan}) > 1e-3
 
 
 def test_mta_loss_reference_and_fused_agree_and_reach_every_leaf():
@@ -117,7 +127,7 @@ def test_mta_loss_reference_and_fused_agree_and_reach_every_leaf():
         loss.backward()
         assert all(leaf.grad is not None and leaf.grad.abs().sum() > 0 for leaf in inputs.leaves)
         losses.append(loss.detach())
-    assert len(inputs.leaves) == 6  # 3 student layers + 3 projections
+    assert len(inputs.leaves) == 6  # 3 student layers + the 3 projectors of MTALoss
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-6)
 
 
@@ -506,8 +516,9 @@ def test_plan_puts_the_paper_shape_first_and_has_no_duplicates():
     assert {s.d_teacher for _, s, _ in entries} == {768, 1600, 4096}
 
 
-def test_key_layers_follow_the_design_default():
-    assert bench_e2e.key_layers(12, 48) == [(6, 24), (9, 36), (12, 48)]
+def test_e2e_uses_the_default_layer_plan():
+    models = bench_e2e.build_models(bench_e2e.PRESETS["tiny"], torch.device("cpu"))
+    assert models.mta_loss.layer_pairs == tuple(plan_layers(4, 8))
 
 
 @pytest.mark.parametrize(
@@ -541,15 +552,6 @@ def test_e2e_records_a_failed_model_build(tmp_path, monkeypatch):
     assert [(r["variant"], r["ms_median"]) for r in rows] == [("base", "OOM"), ("mta", "OOM")]
     with pytest.raises(ValueError, match="base"):
         bench_e2e.run_e2e("tiny", ["mta"], torch.device("cpu"))
-
-
-def test_forward_kl_ignores_masked_positions():
-    logits = torch.randn(2, 5, 7)
-    labels = torch.full((2, 5), bench_e2e.IGNORE_INDEX)
-    assert bench_e2e.forward_kl(logits + 1.0, logits, labels) == 0  # nothing counted
-    labels[:, 1:] = 1
-    assert bench_e2e.forward_kl(logits, logits, labels).abs() < 1e-6
-    assert bench_e2e.forward_kl(torch.randn(2, 5, 7), logits, labels) > 0
 
 
 def test_gpu_check_script_parses():

@@ -48,7 +48,10 @@ def test_counts_triton_launches_and_what_launchers_do(device):
 def test_committed_counts_are_current(monkeypatch):
     # as `python -m benchmarks.launch_count` runs: without the suite's NaN-filled outputs
     monkeypatch.setattr(mk._switches.SWITCHES, "poison_outputs", False)
-    assert L.rows(torch.device("cpu")) == L.read_csv(L.RESULTS), (
+    fused, _ = rows = L.rows(torch.device("cpu"))
+    assert rows == L.read_csv(L.RESULTS), (
         "the MTA step's launches changed: python -m benchmarks.launch_count "
         "--out benchmarks/results/launch_count.csv"
     )
+    assert fused["path"] == "fused"
+    assert fused["launches"] <= 60 and fused["host_syncs"] == 0, "over the step's budget"
