@@ -147,15 +147,6 @@ def phrase_spans(
     return spans, mask
 
 
-def covered_tokens(spans: Tensor, span_mask: Tensor, attention_mask: Tensor) -> Tensor:
-    """bool [B, T]: valid tokens inside at least one valid span (a difference array, O(T + K))."""
-    batch, tokens = attention_mask.shape
-    valid = span_mask.to(torch.int64)
-    delta = torch.zeros(batch, tokens + 1, dtype=torch.int64, device=spans.device)
-    delta.scatter_add_(1, spans[..., 0], valid).scatter_add_(1, spans[..., 1], -valid)
-    return (delta.cumsum(1)[:, :tokens] > 0) & attention_mask.bool()
-
-
 def make_batch(shape: Shape, device: torch.device, seed: int) -> MTABatch:
     """Right-padded attention mask and realistic word / phrase units for ``shape``."""
     gen = torch.Generator().manual_seed(seed)
@@ -163,18 +154,17 @@ def make_batch(shape: Shape, device: torch.device, seed: int) -> MTABatch:
     attention_mask = (torch.arange(shape.T) < torch.tensor(lengths)[:, None]).to(torch.int64)
     attention_mask = attention_mask.to(device)
 
-    def units(spans_and_mask: tuple[Tensor, Tensor]) -> Units:
-        spans, mask = (t.to(device) for t in spans_and_mask)
-        return Units(spans, mask, covered_tokens(spans, mask, attention_mask))
-
     word = word_spans(lengths, shape.K, shape.T, gen)
     phrase = phrase_spans(lengths, shape.k_phrase, shape.T, gen)
     keys = {"attention_mask": attention_mask.cpu()}
     for g, (spans, mask) in (("word", word), ("phrase", phrase)):
         keys[f"{g}_student_spans"], keys[f"{g}_span_mask"] = spans, mask
-    return MTABatch(
-        attention_mask, units(word), units(phrase), UnitPlan.from_batch(keys).to(device)
-    )
+    plan = UnitPlan.from_batch(keys).to(device)  # as the collator builds it, then moved
+
+    def units(g: str) -> Units:
+        return Units(plan[g].student.spans, plan[g].mask, plan[g].coverage)
+
+    return MTABatch(attention_mask, units("word"), units("phrase"), plan)
 
 
 @dataclass
