@@ -25,8 +25,9 @@ Usage::
     python -m benchmarks.launch_count                 # prints the table
     python -m benchmarks.launch_count --out benchmarks/results/launch_count.csv
 
-The counts are exact and do not depend on the machine; the CSV is committed and a test checks that
-it is current (docs/design.md §4).
+The counts are exact. They depend on the tile sizes and column splits the launchers choose: the
+committed CSV is the CPU run's (the interpreter's tiles), which a test checks is current
+(docs/design.md §4); on a GPU, larger tiles can remove a reduction or two.
 """
 
 from __future__ import annotations

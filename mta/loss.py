@@ -134,16 +134,24 @@ class MTALoss(nn.Module):
         self.terms = [("dsa", p) for p in self.layer_pairs if use_dsa] + [
             ("hra", p) for p in self.layer_pairs if use_hra
         ]
-        # The per-layer terms combine into (loss, L_DSA, L_HRA) by one product with this matrix:
-        # L_DSA is the mean over pairs, L_HRA the sum, loss = λ_DSA L_DSA + λ_HRA L_HRA.
-        n_dsa = sum(term == "dsa" for term, _ in self.terms)
-        combine = torch.zeros(3, len(self.terms))
-        for column, (term, _) in enumerate(self.terms):
-            share = 1.0 / n_dsa if term == "dsa" else 1.0
-            weight = self.lambda_dsa if term == "dsa" else self.lambda_hra
-            combine[0, column] = weight * share
-            combine[1 if term == "dsa" else 2, column] = share
-        self.register_buffer("combine", combine, persistent=False)
+        self._combine: dict[tuple[torch.device, float, float], Tensor] = {}
+
+    def combine(self, device: torch.device) -> Tensor:
+        """[3, n_terms] float32: the per-layer terms combine into (loss, L_DSA, L_HRA) by one
+        product with it — L_DSA is the mean over pairs, L_HRA the sum, loss = λ_DSA L_DSA +
+        λ_HRA L_HRA. Made once per device and λ values; never cast (it is not a buffer, so
+        mixed-precision wrappers leave the loss weights exact)."""
+        key = (device, self.lambda_dsa, self.lambda_hra)
+        if key not in self._combine:
+            n_dsa = sum(term == "dsa" for term, _ in self.terms)
+            combine = torch.zeros(3, len(self.terms))
+            for column, (term, _) in enumerate(self.terms):
+                share = 1.0 / n_dsa if term == "dsa" else 1.0
+                weight = self.lambda_dsa if term == "dsa" else self.lambda_hra
+                combine[0, column] = weight * share
+                combine[1 if term == "dsa" else 2, column] = share
+            self._combine[key] = combine.to(device)
+        return self._combine[key]
 
     @property
     def granularities(self) -> tuple[str, ...]:
@@ -263,7 +271,7 @@ class MTALoss(nn.Module):
         # A few launches for every term at once: the batch means of the terms, the loss as one
         # dot product, and the two totals (logged only) as one more product.
         per_term = torch.stack([per_example[t] for t in self.terms]).mean(dim=1)
-        combine = self.combine.to(per_term.dtype)
+        combine = self.combine(per_term.device)
         loss = combine[0] @ per_term
         shown = per_term.detach()
         dsa, hra = combine[1:] @ shown

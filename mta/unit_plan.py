@@ -13,8 +13,8 @@ step of the loss rebuilds nothing and reads nothing back from the device.
 The keys it is built from (``{g}_student_spans``, ``{g}_teacher_spans`` LongTensor[B, K_g, 2],
 ``{g}_span_mask`` BoolTensor[B, K_g], ``attention_mask`` [B, T], ``teacher_attention_mask``
 [B, T'] with two tokenizers) stay valid as a batch of their own: ``MTALoss`` builds the plan from
-them when a batch has none (validating them then, with one host synchronization per
-granularity on a GPU).
+them when a batch has none (validating them then: on a GPU, one host synchronization per span
+tensor, i.e. per granularity and tokenization).
 """
 
 from __future__ import annotations

@@ -86,6 +86,13 @@ def block_size(n: int, cap: int, floor: int = 16) -> int:
 
 
 @triton.jit
+def floor_at(x, eps):
+    """``max(x, eps)`` that keeps a NaN ``x`` NaN (``tl.maximum`` lowers to a max that drops
+    NaN, which would turn a NaN norm or sum into ``eps`` and its quotients into finite numbers)."""
+    return tl.where(x < eps, eps, x)
+
+
+@triton.jit
 def row_normalize_fwd_kernel(
     x_ptr,  # [R, D] input rows
     out_ptr,  # [R, D] x / max(||x||, eps), in the dot dtype
@@ -101,7 +108,7 @@ def row_normalize_fwd_kernel(
         offs = d0 + tl.arange(0, BLOCK_D)
         x = tl.load(x_ptr + row * D + offs, mask=offs < D, other=0.0).to(tl.float32)
         acc += x * x
-    inv_norm = 1.0 / tl.maximum(tl.sqrt(tl.sum(acc, axis=0)), eps)
+    inv_norm = 1.0 / floor_at(tl.sqrt(tl.sum(acc, axis=0)), eps)
     tl.store(inv_norm_ptr + row, inv_norm)
     for d0 in range(0, D, BLOCK_D):
         offs = d0 + tl.arange(0, BLOCK_D)

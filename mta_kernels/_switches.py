@@ -77,7 +77,8 @@ def assume_valid_spans() -> Iterator[None]:
     """Skip the span *range* check (and its host synchronization) inside this block.
 
     For callers that validated their spans once (``check_spans``) and then call several ops with
-    them, as :class:`mta.loss.MTALoss` does. Shape and dtype checks still run, and the kernels
+    them (a :class:`~mta_kernels.SpanIndex` does this for the span ops by itself). Shape and
+    dtype checks still run, and the kernels
     clamp ranges into ``[0, T]``, so an unchecked bad span can give a wrong value, never an
     illegal memory access. Process-wide, not per thread.
     """

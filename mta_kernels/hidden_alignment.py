@@ -18,6 +18,7 @@ from mta_kernels._common import (
     block_size,
     contiguous,
     empty_output,
+    floor_at,
     on_input_device,
     small_blocks,
     use_triton,
@@ -59,8 +60,8 @@ def _hidden_alignment_fwd_kernel(
         dot += s * t
         sq_s += s * s
         sq_t += t * t
-    norm_s = tl.maximum(tl.sqrt(tl.sum(sq_s, axis=1)), eps)
-    norm_t = tl.maximum(tl.sqrt(tl.sum(sq_t, axis=1)), eps)
+    norm_s = floor_at(tl.sqrt(tl.sum(sq_s, axis=1)), eps)
+    norm_t = floor_at(tl.sqrt(tl.sum(sq_t, axis=1)), eps)
     cosine = tl.sum(dot, axis=1) / (norm_s * norm_t)
     weight = tl.load(weight_ptr + rows, mask=keep, other=0.0).to(tl.float32)
     tl.store(stats_ptr + rows, 1.0 / (norm_s * norm_t), mask=in_range)

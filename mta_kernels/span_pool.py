@@ -8,8 +8,8 @@ span whose running maximum end passes the block start). Each output element is w
 one program: the backward is deterministic, without atomics, and correct for overlapping spans.
 
 A :class:`SpanIndex` built once (:func:`span_index`, validated there, e.g. on the CPU where a batch
-is collated) can be passed to every op in place of ``spans`` and ``span_mask``: no op then rebuilds
-it, and none reads a value back from the device.
+is collated) can be passed to :func:`span_pool` and :func:`span_weights` in place of ``spans`` and
+``span_mask``: neither then rebuilds it, and neither reads a value back from the device.
 """
 
 import contextlib
@@ -25,6 +25,7 @@ from mta_kernels._common import (
     block_size,
     contiguous,
     empty_output,
+    floor_at,
     on_input_device,
     small_blocks,
     use_triton,
@@ -94,7 +95,7 @@ def _span_sum_kernel(
     total = tl.sum(weight_acc, axis=0)
     pooled = tl.sum(acc, axis=0)
     if NORMALIZE:
-        pooled = pooled / tl.maximum(total, eps)
+        pooled = pooled / floor_at(total, eps)
     tl.store(out_ptr + span * D + offs_d, pooled, mask=offs_d < D)
     if pid_d == 0:
         tl.store(wsum_ptr + span, total)
@@ -135,8 +136,7 @@ def _span_weights_kernel(
         total += raw
     z = tl.sum(total, axis=0)
     tl.store(total_ptr + batch, z)
-    # `z < eps` (not tl.maximum) keeps a NaN total NaN: a NaN weight must reach every p.
-    denominator = tl.where(z < eps, eps, z)
+    denominator = floor_at(z, eps)  # a NaN total stays NaN: a NaN weight reaches every p
     tl.debug_barrier()  # the raw sums above were stored by other threads of this program
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -229,7 +229,7 @@ def _span_gather_kernel(
         end = tl.load(sorted_ends_ptr + batch * K + j)
         g = tl.load(g_ptr + span * D + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
         if HAS_DIVISOR:
-            g = g / tl.maximum(tl.load(divisor_ptr + span), eps)
+            g = g / floor_at(tl.load(divisor_ptr + span), eps)
         member = (offs_t >= start) & (offs_t < end)
         acc += tl.where(member[:, None], g[None, :], 0.0)
         covered = covered | member
@@ -295,8 +295,10 @@ def span_index(spans: Tensor, span_mask: Tensor, num_tokens: int) -> SpanIndex:
         ValueError/TypeError: as the ops do for bad spans (the range check reads one flag back
             when the spans are on a GPU; none when they are on the CPU).
     """
-    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
-        raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, (int, torch.SymInt)):
+        raise TypeError(f"num_tokens must be an int, got {type(num_tokens).__name__}")
+    if isinstance(num_tokens, int) and num_tokens < 0:
+        raise ValueError(f"num_tokens must be >= 0, got {num_tokens}")
     batch = spans.shape[0] if isinstance(spans, Tensor) else 0
     check_spans(spans, span_mask, batch, num_tokens)
     return _build_index(spans, span_mask, num_tokens)

@@ -448,7 +448,8 @@ def _structural_backward(
     meta = _meta(metric, width_s, width_t, student_rows.dtype)
     device = student_rows.device
     row_blocks = triton.cdiv(max(num_units, 1), meta["BLOCK_I"])
-    n_split = _column_splits(row_blocks * batch, row_blocks, device)
+    column_blocks = triton.cdiv(max(num_units, 1), meta["BLOCK_J"])
+    n_split = _column_splits(row_blocks * batch, column_blocks, device)
 
     def buffer(needed: bool, *shape: int) -> Tensor:
         # every element is written: each split owns at least one column block

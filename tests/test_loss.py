@@ -323,3 +323,20 @@ def test_cuda_fused_ops_match_cpu_reference(cross: bool) -> None:
         torch.testing.assert_close(out.components[name].cpu(), value, rtol=1e-4, atol=1e-6)
     for grad, want in zip(grads, cpu_grads, strict=True):
         torch.testing.assert_close(grad.cpu(), want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.usefixtures("reference_ops")
+def test_loss_weights_follow_lambda_and_stay_exact() -> None:
+    """The loss is λ_DSA·mean DSA + λ_HRA·Σ HRA with the λs the module holds at call time, in
+    float32 whatever a wrapper does to the module's buffers."""
+    module = MTALoss(D_S, D_T, PAIRS)
+    student, teacher = _states(cross=False)
+    batch = _batch(cross=False)
+    out = module(student, teacher, batch)
+    c = out.components
+    torch.testing.assert_close(out.loss, 2.0 * c["dsa"] + 0.2 * c["hra"], rtol=1e-6, atol=0)
+    module.lambda_dsa = 0.0
+    again = module(student, teacher, batch)
+    torch.testing.assert_close(again.loss, 0.2 * again.components["hra"], rtol=1e-6, atol=0)
+    module.to(torch.bfloat16)  # what a mixed-precision wrapper may do to a module's buffers
+    assert module.combine(out.loss.device).dtype == torch.float32

@@ -210,3 +210,21 @@ def test_nan_at_a_valid_position_propagates(name, path, device):
     assert kept.all(), "NaN at a valid position turned outputs into other finite values"
     others = torch.arange(B) != example
     assert torch.equal(out[others], clean_out[others]), "NaN changed another example's outputs"
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("path", PATHS)
+def test_nan_weight_reaches_the_gradients_of_its_span(path, device):
+    """A NaN token weight inside a valid span: the gradients of that span's tokens are NaN, never
+    finite numbers (a max that drops NaN would divide by the 1e-8 floor instead)."""
+    op, where = _op_and_device(path, device)
+    hidden = torch.randn(1, 6, 4, device=where, requires_grad=True)
+    weights = torch.rand(1, 6, device=where)
+    weights[0, 1] = float("nan")
+    spans = torch.tensor([[[0, 3], [3, 6]]], device=where)
+    mask = torch.ones(1, 2, dtype=torch.bool, device=where)
+    pooled = op.span_pool(hidden, spans, mask, weights)
+    (grad,) = torch.autograd.grad(pooled.sum(), hidden)
+    assert grad[0, :3].isnan().all()
+    if path == "triton":  # the reference's membership matmul may spread it over the example
+        assert torch.isfinite(grad[0, 3:]).all()
