@@ -162,7 +162,7 @@ def make_batch(shape: Shape, device: torch.device, seed: int) -> MTABatch:
     plan = UnitPlan.from_batch(keys).to(device)  # as the collator builds it, then moved
 
     def units(g: str) -> Units:
-        return Units(plan[g].student.spans, plan[g].mask, plan[g].coverage)
+        return Units(keys[f"{g}_student_spans"].to(device), plan[g].mask, plan[g].coverage)
 
     return MTABatch(attention_mask, units("word"), units("phrase"), plan)
 

@@ -26,7 +26,7 @@ projection (``B·T·d_S·d_T``) is small next to the models and the loss sees no
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,9 +107,6 @@ class MTALoss(nn.Module):
         ):
             if isinstance(size, bool) or not isinstance(size, int) or size < 1:
                 raise ValueError(f"{name} must be a positive int, got {size!r}")
-        for name, weight in (("lambda_dsa", lambda_dsa), ("lambda_hra", lambda_hra)):
-            if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {weight!r}")
         if metric not in ("cosine", "euclidean"):
             raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
         if not (use_dsa or use_hra):
@@ -120,8 +117,8 @@ class MTALoss(nn.Module):
         self.student_hidden_size = student_hidden_size
         self.teacher_hidden_size = teacher_hidden_size
         self.layer_pairs: tuple[LayerPair, ...] = tuple(parse_layer_pairs(layer_pairs))
-        self.lambda_dsa = float(lambda_dsa)
-        self.lambda_hra = float(lambda_hra)
+        self._lambda_dsa = _loss_weight("lambda_dsa", lambda_dsa)
+        self._lambda_hra = _loss_weight("lambda_hra", lambda_hra)
         self.metric = metric
         self.use_dsa = use_dsa
         self.use_hra = use_hra
@@ -134,24 +131,47 @@ class MTALoss(nn.Module):
         self.terms = [("dsa", p) for p in self.layer_pairs if use_dsa] + [
             ("hra", p) for p in self.layer_pairs if use_hra
         ]
-        self._combine: dict[tuple[torch.device, float, float], Tensor] = {}
+        self._update_combine()
 
-    def combine(self, device: torch.device) -> Tensor:
-        """[3, n_terms] float32: the per-layer terms combine into (loss, L_DSA, L_HRA) by one
-        product with it — L_DSA is the mean over pairs, L_HRA the sum, loss = λ_DSA L_DSA +
-        λ_HRA L_HRA. Made once per device and λ values; never cast (it is not a buffer, so
-        mixed-precision wrappers leave the loss weights exact)."""
-        key = (device, self.lambda_dsa, self.lambda_hra)
-        if key not in self._combine:
-            n_dsa = sum(term == "dsa" for term, _ in self.terms)
-            combine = torch.zeros(3, len(self.terms))
-            for column, (term, _) in enumerate(self.terms):
-                share = 1.0 / n_dsa if term == "dsa" else 1.0
-                weight = self.lambda_dsa if term == "dsa" else self.lambda_hra
-                combine[0, column] = weight * share
-                combine[1 if term == "dsa" else 2, column] = share
-            self._combine[key] = combine.to(device)
-        return self._combine[key]
+    @property
+    def lambda_dsa(self) -> float:
+        return self._lambda_dsa
+
+    @lambda_dsa.setter
+    def lambda_dsa(self, value: float) -> None:
+        self._lambda_dsa = _loss_weight("lambda_dsa", value)
+        self._update_combine()
+
+    @property
+    def lambda_hra(self) -> float:
+        return self._lambda_hra
+
+    @lambda_hra.setter
+    def lambda_hra(self, value: float) -> None:
+        self._lambda_hra = _loss_weight("lambda_hra", value)
+        self._update_combine()
+
+    def _update_combine(self) -> None:
+        """Set ``combine`` [3, n_terms] float32: the per-layer terms combine into (loss, L_DSA,
+        L_HRA) by one product with it — L_DSA is the mean over pairs, L_HRA the sum, loss =
+        λ_DSA L_DSA + λ_HRA L_HRA. A buffer (it moves with the module, and a compiled step reads
+        it as an input), remade in float32 whenever the module is cast or a λ changes."""
+        n_dsa = sum(term == "dsa" for term, _ in self.terms)
+        combine = torch.zeros(3, len(self.terms))
+        for column, (term, _) in enumerate(self.terms):
+            share = 1.0 / n_dsa if term == "dsa" else 1.0
+            weight = self.lambda_dsa if term == "dsa" else self.lambda_hra
+            combine[0, column] = weight * share
+            combine[1 if term == "dsa" else 2, column] = share
+        old = self._buffers.get("combine")
+        self.register_buffer(
+            "combine", combine if old is None else combine.to(old.device), persistent=False
+        )
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> MTALoss:
+        out = super()._apply(fn, recurse)
+        self._update_combine()  # exact float32 weights on the new device, whatever the cast
+        return out
 
     @property
     def granularities(self) -> tuple[str, ...]:
@@ -271,7 +291,7 @@ class MTALoss(nn.Module):
         # A few launches for every term at once: the batch means of the terms, the loss as one
         # dot product, and the two totals (logged only) as one more product.
         per_term = torch.stack([per_example[t] for t in self.terms]).mean(dim=1)
-        combine = self.combine(per_term.device)
+        combine = self.combine.to(per_term.dtype)  # a no-op but for float64 (reference) runs
         loss = combine[0] @ per_term
         shown = per_term.detach()
         dsa, hra = combine[1:] @ shown
@@ -288,6 +308,17 @@ class MTALoss(nn.Module):
                 components[name] = total.detach()
         components["mta"] = loss.detach()
         return MTALossOutput(loss=loss, components=components)
+
+
+def _loss_weight(name: str, weight: float) -> float:
+    if (
+        isinstance(weight, bool)
+        or not isinstance(weight, (int, float))
+        or not math.isfinite(weight)
+        or weight < 0
+    ):
+        raise ValueError(f"{name} must be a finite number >= 0, got {weight!r}")
+    return float(weight)
 
 
 def _hidden_device(states: HiddenStates) -> torch.device:

@@ -4,11 +4,11 @@ A :class:`UnitPlan` is built where a batch is collated — on the CPU, in the da
 (:class:`mta.data.DistillationCollator` does it) — from the padded unit ranges of
 :func:`mta.spans.pad_unit_spans` and the attention masks. Building it validates every span there
 (no device is involved, so no host synchronization) and prepares, per granularity, everything the
-ops of every layer pair read: the spans sorted with each token block's candidate range
-(:class:`mta_kernels.SpanIndex`, for the student's tokens and, with two tokenizers, the teacher's)
-and the coverage ``c_t`` of HRA. It moves to the device with the batch (``to``, ``pin_memory``: the
-data loader and ``accelerate`` call them), and :class:`mta.loss.MTALoss` only reads it — so one
-step of the loss rebuilds nothing and reads nothing back from the device.
+ops of every layer pair read: the spans sorted, with the per-token candidate counts of the backward
+gather (:class:`mta_kernels.SpanIndex`, for the student's tokens and, with two tokenizers, the
+teacher's), and the coverage ``c_t`` of HRA. It moves to the device with the batch (``to``,
+``pin_memory``: the data loader and ``accelerate`` call them), and :class:`mta.loss.MTALoss` only
+reads it — so one step of the loss rebuilds nothing and reads nothing back from the device.
 
 The keys it is built from (``{g}_student_spans``, ``{g}_teacher_spans`` LongTensor[B, K_g, 2],
 ``{g}_span_mask`` BoolTensor[B, K_g], ``attention_mask`` [B, T], ``teacher_attention_mask``

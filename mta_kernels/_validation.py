@@ -134,26 +134,25 @@ def check_token_weights(token_weights: Tensor, batch: int, num_tokens: int) -> N
 
 
 def check_span_pool_args(
-    hidden: Tensor,
-    spans: Tensor,
-    span_mask: Tensor,
-    token_weights: Tensor | None,
-    check_ranges: bool = True,
+    hidden: Tensor, spans: Tensor | None, span_mask: Tensor, token_weights: Tensor | None
 ) -> None:
+    """``spans`` None: they come from a SpanIndex, checked when it was built (checking their
+    shape again inside a compiled step would make its sizes constants)."""
     check_float("hidden", hidden, 3)
     batch, num_tokens = hidden.shape[0], hidden.shape[1]
     if token_weights is not None:
         check_token_weights(token_weights, batch, num_tokens)
     check_same_device(hidden=hidden, spans=spans, span_mask=span_mask, token_weights=token_weights)
-    check_spans(spans, span_mask, batch, num_tokens, check_ranges)
+    if spans is not None:
+        check_spans(spans, span_mask, batch, num_tokens)
 
 
-def check_span_weights_args(
-    token_weights: Tensor, spans: Tensor, span_mask: Tensor, check_ranges: bool = True
-) -> None:
+def check_span_weights_args(token_weights: Tensor, spans: Tensor | None, span_mask: Tensor) -> None:
+    """``spans`` as in :func:`check_span_pool_args`."""
     check_float("token_weights", token_weights, 2)
     check_same_device(token_weights=token_weights, spans=spans, span_mask=span_mask)
-    check_spans(spans, span_mask, token_weights.shape[0], token_weights.shape[1], check_ranges)
+    if spans is not None:
+        check_spans(spans, span_mask, token_weights.shape[0], token_weights.shape[1])
 
 
 def check_pairwise_distance_args(units: Tensor, span_mask: Tensor | None, metric: str) -> None:
@@ -193,6 +192,13 @@ def check_structural_loss_args(
     check_choice("reduction", reduction, REDUCTIONS)
 
 
+def _both_shapes(student_hidden: Tensor, teacher_hidden: Tensor) -> str:
+    # only on the error path: formatting shapes inside a compiled step would break its graph
+    return f"student_hidden {tuple(student_hidden.shape)}, teacher_hidden " + str(
+        tuple(teacher_hidden.shape)
+    )
+
+
 def check_hidden_alignment_args(
     student_hidden: Tensor,
     teacher_hidden: Tensor,
@@ -202,19 +208,16 @@ def check_hidden_alignment_args(
 ) -> None:
     check_float("student_hidden", student_hidden, 3)
     check_float("teacher_hidden", teacher_hidden, 3)
-    shapes = f"student_hidden {tuple(student_hidden.shape)}, teacher_hidden " + str(
-        tuple(teacher_hidden.shape)
-    )
     if student_hidden.shape[:2] != teacher_hidden.shape[:2]:
         raise ValueError(
             "student_hidden and teacher_hidden must hold the same tokens, one row per token of "
-            f"the same batch: their [B, T] differ ({shapes})"
+            f"the same batch: their [B, T] differ ({_both_shapes(student_hidden, teacher_hidden)})"
         )
     if student_hidden.shape[2] != teacher_hidden.shape[2]:
         raise ValueError(
             "student_hidden must be projected to the teacher's width d_T before the hidden "
             f"alignment loss (e.g. by MTALoss's projectors), got widths {student_hidden.shape[2]} "
-            f"and {teacher_hidden.shape[2]} ({shapes})"
+            f"and {teacher_hidden.shape[2]} ({_both_shapes(student_hidden, teacher_hidden)})"
         )
     batch, num_tokens = student_hidden.shape[0], student_hidden.shape[1]
     check_token_weights(token_weights, batch, num_tokens)

@@ -2,9 +2,10 @@
 
 Forward: one program per (span, d-block) sums its own token range — no K×T membership matrix.
 Backward: one program per (token block, d-block) gathers the gradients of the spans covering its
-tokens. Spans are sorted by start once (:class:`SpanIndex`), so a token block only visits the spans
-``[k_lo, k_hi)`` that can reach it (``k_hi``: spans starting before the block ends; ``k_lo``: first
-span whose running maximum end passes the block start). Each output element is written by exactly
+tokens. Spans are sorted by start once (:class:`SpanIndex`, with two prefix counts per token), so
+a block of tokens ``[t0, t1)`` only visits the sorted spans ``[k_lo[t0], k_hi[t1 − 1])`` that can
+reach it (``k_hi[t]``: spans starting at or before ``t``; ``k_lo[t]``: spans whose running maximum
+end is at or before ``t``, which end before the block). Each output element is written by exactly
 one program: the backward is deterministic, without atomics, and correct for overlapping spans.
 
 A :class:`SpanIndex` built once (:func:`span_index`, validated there, e.g. on the CPU where a batch
@@ -40,7 +41,7 @@ from mta_kernels._validation import (
 
 
 def _gather_block_t() -> int:
-    """Token-block height of the backward gather that a new span index is built for."""
+    """Token-block height of the backward gather (any height reads the same span index)."""
     return 16 if small_blocks() else 32
 
 
@@ -197,7 +198,7 @@ def _span_gather_kernel(
     sorted_starts_ptr,
     sorted_ends_ptr,  # [B, K] int32, sorted by start
     k_lo_ptr,
-    k_hi_ptr,  # [B, n_blocks] int32 candidate span range per token block
+    k_hi_ptr,  # [B, T] int32 prefix counts of the sorted spans (SpanIndex)
     out_ptr,  # [B, T, D] w_t Σ_{k∋t} g_k / max(s_k, eps)
     dot_ptr,  # [n_dblocks, B·T] fp32 partial ⟨Σ_{k∋t} g_k / max(s_k, eps), H_t⟩ (WITH_DOT)
     T,
@@ -217,10 +218,13 @@ def _span_gather_kernel(
     pid_t = tl.program_id(0)
     pid_d = tl.program_id(1)
     batch = (pid_t // n_blocks).to(tl.int64)
-    offs_t = (pid_t % n_blocks) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t0 = (pid_t % n_blocks) * BLOCK_T
+    offs_t = t0 + tl.arange(0, BLOCK_T)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    k_lo = tl.load(k_lo_ptr + pid_t)
-    k_hi = tl.load(k_hi_ptr + pid_t)
+    # the spans that can reach [t0, t1): none of those before k_lo ends after t0, none from
+    # k_hi on starts before t1
+    k_lo = tl.load(k_lo_ptr + batch * T + t0)
+    k_hi = tl.load(k_hi_ptr + batch * T + tl.minimum(t0 + BLOCK_T, T) - 1)
     acc = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
     covered = offs_t < 0  # tokens inside some valid span
     for j in range(k_lo, k_hi):
@@ -259,13 +263,16 @@ def _span_gather_kernel(
 class SpanIndex(NamedTuple):
     """Spans prepared once for every op that reads them (:func:`span_index` builds it).
 
-    ``spans`` [B, K, 2] int64 and ``valid`` [B, K] bool are the validated input; the int32
-    [B, K] ranges have invalid spans made empty at 0; ``order``/``sorted_*`` sort them by start;
-    ``k_lo``/``k_hi`` [B, ceil(T / block_t)] are each token block's candidate spans in the
-    backward gather, built for blocks of ``block_t`` tokens.
+    ``valid`` [B, K] bool is the validated mask; the int32 [B, K] ranges ``starts``/``ends`` are
+    the validated spans with invalid ones made empty at 0; ``order``/``sorted_*`` sort them by
+    start;
+    ``k_lo``/``k_hi`` [B, T] int32 count, per token ``t``, the sorted spans whose running maximum
+    end is ``<= t`` and those whose start is ``<= t``: any block of tokens of the backward gather
+    reads its candidate spans from them. Every field is a tensor, ``T`` is the size of ``k_lo``
+    and no size is a constant (such as the 2 of [B, K, 2] spans): a compiled step sees them as
+    symbols, and one graph serves batches of any T and K.
     """
 
-    spans: Tensor
     valid: Tensor
     starts: Tensor
     ends: Tensor
@@ -274,17 +281,18 @@ class SpanIndex(NamedTuple):
     sorted_ends: Tensor
     k_lo: Tensor
     k_hi: Tensor
-    num_tokens: int
-    block_t: int
+
+    @property
+    def num_tokens(self) -> int:
+        """``T``, the tokens the spans index."""
+        return self.k_lo.shape[1]
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "SpanIndex":
         """The index on ``device`` (a copy per tensor; ``non_blocking`` from pinned memory)."""
-        return SpanIndex(
-            *(v.to(device, non_blocking=non_blocking) if isinstance(v, Tensor) else v for v in self)
-        )
+        return SpanIndex(*(v.to(device, non_blocking=non_blocking) for v in self))
 
     def pin_memory(self) -> "SpanIndex":
-        return SpanIndex(*(v.pin_memory() if isinstance(v, Tensor) else v for v in self))
+        return SpanIndex(*(v.pin_memory() for v in self))
 
 
 def span_index(spans: Tensor, span_mask: Tensor, num_tokens: int) -> SpanIndex:
@@ -307,7 +315,6 @@ def span_index(spans: Tensor, span_mask: Tensor, num_tokens: int) -> SpanIndex:
 def _build_index(spans: Tensor, span_mask: Tensor, num_tokens: int) -> SpanIndex:
     """:class:`SpanIndex` of checked spans. Ranges are clamped into ``[0, T]`` as well, so that
     spans left unchecked inside a compiled graph give a wrong value, never an illegal access."""
-    block_t = _gather_block_t()
     valid = span_mask
     starts = torch.where(valid, spans[..., 0], 0).clamp(0, num_tokens).to(torch.int32)
     ends = torch.where(valid, spans[..., 1], 0).clamp(0, num_tokens).to(torch.int32)
@@ -315,24 +322,29 @@ def _build_index(spans: Tensor, span_mask: Tensor, num_tokens: int) -> SpanIndex
     sorted_starts, order = torch.sort(starts, dim=-1, stable=True)
     sorted_ends = torch.gather(ends, -1, order)
     reach = torch.cummax(sorted_ends, dim=-1).values
-    block_starts = torch.arange(0, num_tokens, block_t, device=spans.device, dtype=torch.int32)
-    block_ends = (block_starts + block_t).clamp_max(num_tokens)
-    batch = spans.shape[0]
-    k_hi = torch.searchsorted(sorted_starts, block_ends.expand(batch, -1).contiguous())
-    k_lo = torch.searchsorted(reach, block_starts.expand(batch, -1).contiguous(), right=True)
+    tokens = torch.arange(num_tokens, device=spans.device, dtype=torch.int32)
+    tokens = tokens.expand(spans.shape[0], -1).contiguous()
+    k_lo = torch.searchsorted(reach, tokens, right=True, out_int32=True)
+    k_hi = torch.searchsorted(sorted_starts, tokens, right=True, out_int32=True)
     return SpanIndex(
-        spans,
         valid,
         starts.contiguous(),
         ends.contiguous(),
         order.to(torch.int32).contiguous(),
         sorted_starts.contiguous(),
         sorted_ends.contiguous(),
-        k_lo.to(torch.int32).contiguous(),
-        torch.maximum(k_lo, k_hi).to(torch.int32).contiguous(),
-        num_tokens,
-        block_t,
+        k_lo,
+        k_hi,
     )
+
+
+def _spans_of(
+    index: SpanIndex | None, spans: Tensor, span_mask: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """(spans, span_mask) for the reference ops (an index's ranges, invalid ones empty at 0)."""
+    if index is None:
+        return spans, span_mask
+    return torch.stack([index.starts, index.ends], dim=-1), index.valid
 
 
 def _checked(index: SpanIndex | None) -> contextlib.AbstractContextManager:
@@ -342,13 +354,14 @@ def _checked(index: SpanIndex | None) -> contextlib.AbstractContextManager:
 
 def _unpack(
     spans: Tensor | SpanIndex, span_mask: Tensor | None, values: Tensor
-) -> tuple[SpanIndex | None, Tensor, Tensor]:
-    """(the index if one was given, spans, span_mask) of an op's arguments, an index checked
-    against the [B, T] of ``values``."""
+) -> SpanIndex | None:
+    """The index if the op was given one (checked against the [B, T] of ``values``), else None
+    (after checking that the spans come with their mask). An index's ``spans`` tensor is left
+    untouched: a compiled step that never reads it does not make its sizes part of the graph."""
     if not isinstance(spans, SpanIndex):
         if span_mask is None:
             raise TypeError("span_mask is required when spans is a tensor")
-        return None, spans, span_mask
+        return None
     if span_mask is not None:
         raise ValueError("span_mask must be None when spans is a SpanIndex (it holds its mask)")
     if isinstance(values, Tensor) and values.dim() >= 2:
@@ -358,7 +371,7 @@ def _unpack(
                 f"the SpanIndex was built for [B, T] = {list(expected)}, the input has "
                 f"{list(values.shape[:2])}"
             )
-    return spans, spans.spans, spans.valid
+    return spans
 
 
 @torch.library.custom_op("mta::span_sum", mutates_args=())
@@ -413,8 +426,6 @@ def _span_gather(
     sorted_ends: Tensor,
     k_lo: Tensor,
     k_hi: Tensor,
-    num_tokens: int,
-    block_t: int,
     out_dtype: torch.dtype,
     divisor: Tensor | None,
     weights: Tensor | None,
@@ -427,6 +438,7 @@ def _span_gather(
     tensor)."""
     grads = contiguous(grads)
     batch, num_spans, width = grads.shape
+    num_tokens = k_lo.shape[1]
     if write_out:
         out = empty_output(batch, num_tokens, width, dtype=out_dtype, device=grads.device)
     else:
@@ -439,7 +451,8 @@ def _span_gather(
         dots = empty_output(n_dblocks, batch * num_tokens, dtype=torch.float32, device=grads.device)
     if batch * num_tokens * width == 0:
         return out.zero_(), dots.new_zeros(batch, num_tokens) if dot_with is not None else dots
-    n_blocks = k_lo.shape[1]
+    block_t = _gather_block_t()
+    n_blocks = triton.cdiv(num_tokens, block_t)
     _span_gather_kernel[(batch * n_blocks, n_dblocks)](
         grads,
         divisor if divisor is not None else grads,
@@ -476,8 +489,6 @@ def _(
     sorted_ends,
     k_lo,
     k_hi,
-    num_tokens,
-    block_t,
     out_dtype,
     divisor,
     weights,
@@ -485,6 +496,7 @@ def _(
     write_out,
 ):
     batch, _, width = grads.shape
+    num_tokens = k_lo.shape[1]
     out_shape = (batch, num_tokens, width) if write_out else (0,)
     out = grads.new_empty(out_shape, dtype=out_dtype)
     if dot_with is None:
@@ -495,7 +507,6 @@ def _(
 def _gather(
     grads: Tensor,
     index: SpanIndex,
-    num_tokens: int,
     out_dtype: torch.dtype,
     divisor: Tensor | None = None,
     weights: Tensor | None = None,
@@ -509,8 +520,6 @@ def _gather(
         index.sorted_ends,
         index.k_lo,
         index.k_hi,
-        num_tokens,
-        index.block_t,
         out_dtype,
         divisor,
         weights,
@@ -540,7 +549,6 @@ class SpanPoolFunction(torch.autograd.Function):
         grad_hidden, token_dots = _gather(
             grad_pooled,
             index,
-            hidden.shape[1],
             hidden.dtype,
             divisor=weight_sum,
             weights=weights,
@@ -552,7 +560,7 @@ class SpanPoolFunction(torch.autograd.Function):
             # dU_k/dw_t = (H_t − [Σw > eps] U_k) / max(Σw, eps) for t in span k.
             unclamped = (weight_sum > DENOM_EPS).float()
             centre = (grad_pooled * pooled).sum(-1) / weight_sum.clamp_min(DENOM_EPS) * unclamped
-            centre_sum, _ = _gather(centre.unsqueeze(-1), index, hidden.shape[1], torch.float32)
+            centre_sum, _ = _gather(centre.unsqueeze(-1), index, torch.float32)
             grad_weights = (token_dots - centre_sum.squeeze(-1)).to(weights.dtype)
         return (grad_hidden if need_hidden else None), None, grad_weights
 
@@ -577,9 +585,7 @@ class SpanWeightsFunction(torch.autograd.Function):
         # dL/dr_k = (g_k − [Z > eps] Σ_j g_j p_j) / max(Z, eps)
         coupled = (grad_probs * probs).sum(-1, keepdim=True) * (total > DENOM_EPS).float()
         grad_raw = (grad_probs - coupled) / total.clamp_min(DENOM_EPS)
-        grad_weights, _ = _gather(
-            grad_raw.unsqueeze(-1), ctx.index, ctx.index.num_tokens, ctx.weights_dtype
-        )
+        grad_weights, _ = _gather(grad_raw.unsqueeze(-1), ctx.index, ctx.weights_dtype)
         return grad_weights.squeeze(-1), None
 
 
@@ -610,13 +616,15 @@ def span_pool(
         tensor([[[ 1.5000,  2.5000,  3.5000],
                  [ 9.0000, 10.0000, 11.0000]]])
     """
-    index, spans, span_mask = _unpack(spans, span_mask, hidden)
+    index = _unpack(spans, span_mask, hidden)
     if not use_triton(hidden, token_weights):
         with _checked(index):
-            return reference.span_pool(hidden, spans, span_mask, token_weights)
-    check_span_pool_args(hidden, spans, span_mask, token_weights, check_ranges=index is None)
+            return reference.span_pool(hidden, *_spans_of(index, spans, span_mask), token_weights)
     if index is None:
+        check_span_pool_args(hidden, spans, span_mask, token_weights)
         index = _build_index(spans, span_mask, hidden.shape[1])
+    else:
+        check_span_pool_args(hidden, None, index.valid, token_weights)
     return SpanPoolFunction.apply(hidden, index, token_weights)
 
 
@@ -635,11 +643,13 @@ def span_weights(
         >>> span_weights(w, torch.tensor([[[0, 2], [2, 3]]]), torch.tensor([[True, True]]))
         tensor([[0.5000, 0.5000]])
     """
-    index, spans, span_mask = _unpack(spans, span_mask, token_weights)
+    index = _unpack(spans, span_mask, token_weights)
     if not use_triton(token_weights):
         with _checked(index):
-            return reference.span_weights(token_weights, spans, span_mask)
-    check_span_weights_args(token_weights, spans, span_mask, check_ranges=index is None)
+            return reference.span_weights(token_weights, *_spans_of(index, spans, span_mask))
     if index is None:
+        check_span_weights_args(token_weights, spans, span_mask)
         index = _build_index(spans, span_mask, token_weights.shape[1])
+    else:
+        check_span_weights_args(token_weights, None, index.valid)
     return SpanWeightsFunction.apply(token_weights, index)

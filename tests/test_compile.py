@@ -5,9 +5,12 @@ graph break and AOTAutograd differentiates through it."""
 
 import pytest
 import torch
-from helpers import rel_error, word_spans
+from helpers import random_spans, rel_error, word_spans
 
 import mta_kernels as mk
+from mta.layers import LayerPair
+from mta.loss import MTALoss
+from mta.unit_plan import UnitPlan
 
 pytestmark = pytest.mark.kernels  # also run on the GPU by benchmarks/gpu_check.sh
 
@@ -65,3 +68,64 @@ def test_prefer_reference_inside_a_compiled_function():
     with mk.prefer_reference():
         got = weights(hidden)
     assert rel_error(got, mk.reference.token_importance(hidden.double(), mask)) < 1e-5
+
+
+# (B, T, phrase units K): five batches of the kind a data loader yields — every T and K new,
+# and B changing too (the last batch of an epoch). B = 1 is left out: PyTorch specializes sizes
+# 0 and 1, so a batch of one example compiles once more by design.
+SHAPES = ((2, 16, 5), (2, 23, 7), (3, 31, 4), (2, 12, 8), (3, 40, 6))
+
+
+def _plan_batch(batch: int, num_tokens: int, phrases: int, seed: int) -> tuple:
+    """Hidden states and the collated UnitPlan of one batch (word units tiling each sequence,
+    phrase units random and overlapping, some padding tokens)."""
+    gen = torch.Generator().manual_seed(seed)
+    attention = torch.ones(batch, num_tokens, dtype=torch.long)
+    attention[-1, -3:] = 0
+    word, word_mask = word_spans(batch, num_tokens, gen)
+    phrase, phrase_mask = random_spans(batch, phrases, num_tokens, gen)
+    plan = UnitPlan.from_batch(
+        {
+            "attention_mask": attention,
+            "word_student_spans": word,
+            "word_span_mask": word_mask,
+            "phrase_student_spans": phrase,
+            "phrase_span_mask": phrase_mask,
+        }
+    )
+    student = [torch.randn(batch, num_tokens, 8, generator=gen) for _ in range(4)]
+    teacher = [torch.randn(batch, num_tokens, 12, generator=gen) for _ in range(7)]
+    return student, teacher, plan
+
+
+def test_mta_step_compiles_once_across_batch_shapes():
+    """``torch.compile(dynamic=True, fullgraph=True)`` of MTALoss forward + backward traces one
+    graph for batches of different B, T and K (sizes are symbols; nothing in the step reads a
+    size as a Python constant or breaks the graph), and every batch matches the eager module."""
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting_backend(graph, example_inputs):
+        graphs.append(graph)
+        return torch._dynamo.backends.debugging.aot_eager(graph, example_inputs)
+
+    pairs = (LayerPair(1, 2, "word"), LayerPair(2, 4, "phrase"), LayerPair(3, 6, "phrase"))
+    module = MTALoss(8, 12, pairs)
+
+    def step(student, teacher, plan):
+        return module(student, teacher, plan).loss
+
+    compiled = torch.compile(step, dynamic=True, fullgraph=True, backend=counting_backend)
+    for i, shape in enumerate(SHAPES):
+        results = []
+        for run in (step, compiled):
+            student, teacher, plan = _plan_batch(*shape, seed=i)
+            student = [s.requires_grad_() for s in student]
+            module.zero_grad(set_to_none=True)
+            loss = run(student, teacher, plan)
+            loss.backward()
+            grads = [student[p.student_layer].grad for p in pairs]
+            results.append((loss.detach(), *grads, *(w.grad for w in module.parameters())))
+        for got, expected in zip(results[1], results[0], strict=True):
+            assert rel_error(got, expected) < 1e-6, f"batch shape {shape}"
+    assert len(graphs) == 1, f"{len(graphs)} graphs for {len(SHAPES)} batch shapes"

@@ -167,3 +167,22 @@ def test_span_index_argument_errors():
         mk.span_weights(torch.rand(2, 10), spans)
     with pytest.raises(ValueError, match="is outside"):
         mk.span_index(spans + 20, mask | True, 10)
+
+
+@pytest.mark.parametrize("block", [1, 3, 16, 32, 64])
+def test_span_index_candidates_hold_every_span_of_any_token_block(block, seed):
+    """For any block of tokens [t0, t1), the sorted spans outside [k_lo[t0], k_hi[t1 - 1]) do
+    not touch it: any gather tile height can read one index."""
+    num_tokens = 45
+    spans, mask = random_spans(3, 17, num_tokens, torch.Generator().manual_seed(seed))
+    index = mk.span_index(spans, mask, num_tokens)
+    assert index.k_lo.shape == index.k_hi.shape == (3, num_tokens)
+    assert index.k_lo.dtype == index.k_hi.dtype == torch.int32
+    for b in range(3):
+        for t0 in range(0, num_tokens, block):
+            t1 = min(t0 + block, num_tokens)
+            lo, hi = int(index.k_lo[b, t0]), int(index.k_hi[b, t1 - 1])
+            for j in range(17):
+                start, end = int(index.sorted_starts[b, j]), int(index.sorted_ends[b, j])
+                if start < t1 and end > t0:  # non-empty overlap with the block
+                    assert lo <= j < hi, f"seed={seed} b={b} block=[{t0}, {t1}) span {j}"

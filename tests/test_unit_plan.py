@@ -55,7 +55,10 @@ def test_collator_builds_the_plan(cross):
     for g in ("word", "phrase"):
         units = plan[g]
         assert torch.equal(units.mask, batch[f"{g}_span_mask"])
-        assert torch.equal(units.student.spans, batch[f"{g}_student_spans"])
+        spans = torch.stack([units.student.starts, units.student.ends], dim=-1)
+        assert torch.equal(
+            spans, torch.where(units.mask[..., None], batch[f"{g}_student_spans"], 0)
+        )
         assert (units.teacher is units.student) == (not cross)
         assert units.coverage.shape == batch["attention_mask"].shape
     assert (
