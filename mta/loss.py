@@ -73,6 +73,27 @@ def _hidden(states: HiddenStates, layer: int, name: str, shape: tuple[int, int, 
     return hidden
 
 
+class _LossWeight:
+    """A λ of :class:`MTALoss`: a finite float ``>= 0``; setting it rebuilds the combination."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name, self.slot = name, f"_{name}"
+
+    def __get__(self, module: MTALoss | None, owner: type | None = None) -> float:
+        return self if module is None else getattr(module, self.slot)  # type: ignore[return-value]
+
+    def __set__(self, module: MTALoss, weight: float) -> None:
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, (int, float))
+            or not math.isfinite(weight)
+            or weight < 0
+        ):
+            raise ValueError(f"{self.name} must be a finite number >= 0, got {weight!r}")
+        object.__setattr__(module, self.slot, float(weight))
+        module._update_combine()
+
+
 class MTALoss(nn.Module):
     """Multi-Granular Trajectory Alignment loss (DSA + HRA) for a set of layer pairs.
 
@@ -88,6 +109,9 @@ class MTALoss(nn.Module):
 
     ``projectors`` is an ``nn.ModuleDict`` keyed by ``str(student_layer)``.
     """
+
+    lambda_dsa = _LossWeight()
+    lambda_hra = _LossWeight()
 
     def __init__(
         self,
@@ -117,8 +141,6 @@ class MTALoss(nn.Module):
         self.student_hidden_size = student_hidden_size
         self.teacher_hidden_size = teacher_hidden_size
         self.layer_pairs: tuple[LayerPair, ...] = tuple(parse_layer_pairs(layer_pairs))
-        self._lambda_dsa = _loss_weight("lambda_dsa", lambda_dsa)
-        self._lambda_hra = _loss_weight("lambda_hra", lambda_hra)
         self.metric = metric
         self.use_dsa = use_dsa
         self.use_hra = use_hra
@@ -131,31 +153,16 @@ class MTALoss(nn.Module):
         self.terms = [("dsa", p) for p in self.layer_pairs if use_dsa] + [
             ("hra", p) for p in self.layer_pairs if use_hra
         ]
-        self._update_combine()
-
-    @property
-    def lambda_dsa(self) -> float:
-        return self._lambda_dsa
-
-    @lambda_dsa.setter
-    def lambda_dsa(self, value: float) -> None:
-        self._lambda_dsa = _loss_weight("lambda_dsa", value)
-        self._update_combine()
-
-    @property
-    def lambda_hra(self) -> float:
-        return self._lambda_hra
-
-    @lambda_hra.setter
-    def lambda_hra(self, value: float) -> None:
-        self._lambda_hra = _loss_weight("lambda_hra", value)
-        self._update_combine()
+        self.lambda_dsa = lambda_dsa
+        self.lambda_hra = lambda_hra
 
     def _update_combine(self) -> None:
         """Set ``combine`` [3, n_terms] float32: the per-layer terms combine into (loss, L_DSA,
         L_HRA) by one product with it — L_DSA is the mean over pairs, L_HRA the sum, loss =
         λ_DSA L_DSA + λ_HRA L_HRA. A buffer (it moves with the module, and a compiled step reads
         it as an input), remade in float32 whenever the module is cast or a λ changes."""
+        if not hasattr(self, "_lambda_dsa") or not hasattr(self, "_lambda_hra"):
+            return  # __init__ has not set both yet
         n_dsa = sum(term == "dsa" for term, _ in self.terms)
         combine = torch.zeros(3, len(self.terms))
         for column, (term, _) in enumerate(self.terms):
@@ -308,17 +315,6 @@ class MTALoss(nn.Module):
                 components[name] = total.detach()
         components["mta"] = loss.detach()
         return MTALossOutput(loss=loss, components=components)
-
-
-def _loss_weight(name: str, weight: float) -> float:
-    if (
-        isinstance(weight, bool)
-        or not isinstance(weight, (int, float))
-        or not math.isfinite(weight)
-        or weight < 0
-    ):
-        raise ValueError(f"{name} must be a finite number >= 0, got {weight!r}")
-    return float(weight)
 
 
 def _hidden_device(states: HiddenStates) -> torch.device:
