@@ -6,6 +6,7 @@ NVIDIA backend and its bundled ``ptxas``, no GPU.
 """
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,3 +30,7 @@ def test_all_kernels_compile_for_sm90():
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "0 failing variant(s)" in result.stdout
+    # the variants are the JIT's own: recorded from the launchers, integer arguments specialized
+    launched = int(re.search(r"(\d+) launched variants", result.stdout).group(1))
+    assert launched >= 40, result.stdout[-4000:]
+    assert "(÷16: T,D)" in result.stdout
