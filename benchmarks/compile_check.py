@@ -202,12 +202,25 @@ def workloads() -> dict[str, Callable[[], None]]:
         total.backward()
         mk.token_importance(target.detach(), torch.ones(BATCH, TOKENS, dtype=torch.long))
 
+    def many_units(dtype: torch.dtype) -> None:
+        """K of the order of d: the structural backward recomputes its tiles."""
+        for metric, units in (
+            ("cosine", 2 * (WIDTH_S + WIDTH_T)),
+            ("euclidean", WIDTH_S + WIDTH_T),
+        ):
+            rows = torch.randn(2, units, WIDTH_S, dtype=dtype, requires_grad=True)
+            teacher_rows = torch.randn(2, units, WIDTH_T, dtype=dtype, requires_grad=True)
+            p = torch.rand(2, units, requires_grad=True)
+            mask = torch.ones(2, units, dtype=torch.bool)
+            mk.structural_loss(rows, teacher_rows, p, mask, metric).backward()
+
     out: dict[str, Callable[[], None]] = {}
     for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         out[f"MTA step {name} cosine"] = mta_step(dtype, "cosine", cross=False)
         out[f"MTA step {name} euclidean"] = mta_step(dtype, "euclidean", cross=False)
         out[f"MTA step {name} cross-tokenizer"] = mta_step(dtype, "cosine", cross=True)
         out[f"public ops {name}"] = lambda dtype=dtype: ops(dtype)
+        out[f"structural loss of many units {name}"] = lambda dtype=dtype: many_units(dtype)
     return out
 
 

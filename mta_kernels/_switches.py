@@ -11,6 +11,9 @@
 * ``small_blocks``: interpreter-sized tiles; tests turn it off to run the GPU tile sizes on CPU.
 * ``poison_outputs``: NaN-fill kernel outputs before launch (tests), so that an element a kernel
   forgets to write fails a comparison.
+* ``structural_backward``: ``"auto"`` (the structural loss saves its K×K error matrix for the
+  backward when that is no larger than its inputs), or ``"saved"`` / ``"recompute"`` to force one
+  backward (tests run both on the same inputs).
 
 A plain object, not ``ContextVar``s: the dispatch runs inside compiled graphs, and Dynamo traces
 (and guards on) attribute reads of a global object but not ``ContextVar.get``. The switches are
@@ -51,6 +54,7 @@ class Switches:
     fp32_dot_precision: str = "tf32x3"
     small_blocks: bool = False
     poison_outputs: bool = False
+    structural_backward: str = "auto"
 
 
 _interpreter = os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -1,15 +1,17 @@
-"""Fused Dynamic Structural Alignment loss (Eq. 10–11) without any K×K matrix.
+"""Fused Dynamic Structural Alignment loss (Eq. 10–11).
 
 Per example ``L = Σ_{ij} W_ij E_ij²`` with ``W_ij = p_i p_j V_ij`` (``V_ij = v_i v_j [i ≠ j]``) and
 ``E = D^S − D^T``. Cosine: ``E = Ĝ^T − Ĝ^S`` from Gram tiles of the normalized units. Euclidean:
 ``E = r^S/μ_S − r^T/μ_T``, the means ``μ`` coming from a first pass over the same tiles.
 
 Forward: one program per upper-triangular tile pair (``i-block ≤ j-block``; off-diagonal pairs
-count twice by symmetry) writes partial sums that are reduced in a fixed order. Backward: one
-program per row block recomputes its tiles for every column block and accumulates its own rows of
-the fp32 gradient buffers (see :mod:`mta_kernels.pairwise_distance`); only the inputs that require
-grad are computed. Memory beyond the inputs: O(B·K·d) gradient buffers and O(B·(K/BLOCK)²)
-partial sums.
+count twice by symmetry) writes partial sums that are reduced in a fixed order. Backward, chosen
+by shape (:func:`saves_errors`): while the [B, K, K] error matrix (cosine; euclidean adds both raw
+distance matrices) is no larger than the units, the forward saves it and the backward rebuilds
+each coefficient tile from it, one program per (row block, d-block) keeping its rows in registers
+over all column blocks; for larger K one program per row block recomputes its Gram tiles for
+every column block and accumulates its own rows of fp32 gradient buffers (memory O(B·K·d)). Both
+are deterministic, without atomics, and compute only the gradients that are needed.
 """
 
 import functools
@@ -26,8 +28,10 @@ from mta_kernels._common import (
     empty_output,
     on_input_device,
     row_normalize_backward,
+    small_blocks,
     use_triton,
 )
+from mta_kernels._switches import SWITCHES
 from mta_kernels._validation import check_structural_loss_args
 from mta_kernels.pairwise_distance import (
     METRIC_IDS,
@@ -35,6 +39,7 @@ from mta_kernels.pairwise_distance import (
     metric_rows,
     pair_mask,
     pair_tile,
+    pair_update,
     tile_sizes,
     unit_valid,
     valid_pair_count,
@@ -101,6 +106,16 @@ def _error_tile(
 
 
 @triton.jit
+def _save_tile(matrix_ptr, tile, offs_i, offs_j, K, mirror):
+    """Store a [BLOCK_I, BLOCK_J] tile of a symmetric [K, K] matrix, and its mirror image across
+    the diagonal when ``mirror`` (an off-diagonal tile pair)."""
+    rows, cols = offs_i[:, None], offs_j[None, :]
+    inside = (rows < K) & (cols < K)
+    tl.store(matrix_ptr + rows * K + cols, tile, mask=inside)
+    tl.store(matrix_ptr + cols * K + rows, tile, mask=inside & (rows < tl.where(mirror, K, 0)))
+
+
+@triton.jit
 def _structural_fwd_kernel(
     student_ptr,
     teacher_ptr,  # [B, K, D_S], [B, K, D_T]: normalized (cosine) or raw (euclidean)
@@ -109,11 +124,13 @@ def _structural_fwd_kernel(
     tile_pairs_ptr,  # [n_pairs, 2] int32 (i-block, j-block) with i-block <= j-block
     inv_mean_ptr,  # [B, 2] fp32 (1/μ_S, 1/μ_T), euclidean loss stage
     partial_ptr,  # [3, B, n_pairs] fp32
+    saved_ptr,  # [n_saved, B, K, K] fp32: V∘E, then (euclidean) r^S and r^T (with SAVE)
     K,
     D_S,
     D_T,
     METRIC: tl.constexpr,
     STAGE: tl.constexpr,
+    SAVE: tl.constexpr,
     BLOCK_I: tl.constexpr,
     BLOCK_J: tl.constexpr,
     BLOCK_D_S: tl.constexpr,
@@ -121,7 +138,9 @@ def _structural_fwd_kernel(
     PRECISION: tl.constexpr,
 ):
     """Partial sums of one tile pair. Means stage: (Σ V r^S, Σ V r^T, 0). Loss stage:
-    (Σ W E², Σ 2 W E D^S, Σ 2 W E D^T), the last two only needed by the euclidean backward."""
+    (Σ W E², Σ 2 W E D^S, Σ 2 W E D^T), the last two only needed by the euclidean backward;
+    with ``SAVE`` also the tile and its mirror image of ``V∘E`` (and of the raw distances, for the
+    euclidean backward), so that the backward reads them instead of recomputing both Grams."""
     pid, batch = tl.program_id(0), tl.program_id(1).to(tl.int64)
     block_i = tl.load(tile_pairs_ptr + 2 * pid)
     block_j = tl.load(tile_pairs_ptr + 2 * pid + 1)
@@ -161,6 +180,17 @@ def _structural_fwd_kernel(
         )
         tl.store(out + 2 * part, 0.0)
     else:
+        if SAVE:
+            mirror = block_i != block_j
+            square = tl.num_programs(1) * K * K  # one [B, K, K] matrix
+            _save_tile(
+                saved_ptr + batch * K * K, tl.where(valid, error, 0.0), offs_i, offs_j, K, mirror
+            )
+            if METRIC == 1:
+                _save_tile(saved_ptr + square + batch * K * K, student, offs_i, offs_j, K, mirror)
+                _save_tile(
+                    saved_ptr + 2 * square + batch * K * K, teacher, offs_i, offs_j, K, mirror
+                )
         p_i = tl.load(weight_ptr + batch * K + offs_i, mask=v_i, other=0.0).to(tl.float32)
         p_j = tl.load(weight_ptr + batch * K + offs_j, mask=v_j, other=0.0).to(tl.float32)
         weighted_error = tl.where(valid, p_i[:, None] * p_j[None, :] * error, 0.0)
@@ -329,6 +359,85 @@ def _structural_bwd_kernel(
         tl.store(grad_weight_ptr + partial * K + offs_i, grad_p, mask=offs_i < K)
 
 
+@triton.jit
+def _structural_bwd_saved_kernel(
+    saved_ptr,  # [n_saved, B, K, K] fp32 from the forward: V∘E, then (euclidean) r^S and r^T
+    rows_ptr,  # [B, K, D] this side's rows (normalized for cosine, raw for euclidean)
+    weight_ptr,
+    valid_ptr,
+    inv_mean_ptr,
+    coupling_ptr,
+    scale_ptr,
+    grad_rows_ptr,  # [B, K, D] fp32
+    grad_weight_ptr,  # [B, K] fp32 (written with NEED_WEIGHTS by the d-block-0 programs)
+    K,
+    D,
+    METRIC: tl.constexpr,
+    SIDE: tl.constexpr,
+    NEED_WEIGHTS: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Row block ``i`` × d-block of one side's gradient from the saved error matrix: the same
+    coefficients as :func:`_structural_bwd_kernel`, without recomputing a Gram tile; the d-block's
+    rows stay in registers across all column blocks and are written once (no split, no partial
+    buffers, no reduction)."""
+    pid_i, pid_d, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
+    offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    scale = tl.load(scale_ptr + batch)
+    square = tl.num_programs(2) * K * K
+    errors = saved_ptr + batch * K * K
+    tiles = saved_ptr + (1 + SIDE) * square + batch * K * K
+    v_i = unit_valid(valid_ptr + batch * K, offs_i, K)
+    p_i = tl.load(weight_ptr + batch * K + offs_i, mask=v_i, other=0.0).to(tl.float32)
+    acc = tl.zeros((BLOCK_I, BLOCK_D), tl.float32)
+    grad_p = tl.zeros((BLOCK_I,), tl.float32)
+    for j0 in range(0, K, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        v_j = unit_valid(valid_ptr + batch * K, offs_j, K)
+        valid = pair_mask(v_i, v_j, offs_i, offs_j)
+        square_ij = offs_i[:, None] * K + offs_j[None, :]
+        error = tl.load(errors + square_ij, mask=valid, other=0.0)
+        p_j = tl.load(weight_ptr + batch * K + offs_j, mask=v_j, other=0.0).to(tl.float32)
+        if NEED_WEIGHTS:
+            grad_p += 2.0 * scale * tl.sum(p_j[None, :] * error * error, axis=1)
+        weighted_error = p_i[:, None] * p_j[None, :] * error
+        tile = weighted_error  # unused by the cosine coefficients
+        if METRIC == 1:
+            tile = tl.load(tiles + square_ij, mask=valid, other=0.0)
+        coef = _side_coefficients(
+            weighted_error, valid, tile, inv_mean_ptr, coupling_ptr, batch, scale, SIDE, METRIC
+        )
+        acc += pair_update(
+            rows_ptr + batch * K * D, coef, offs_i, offs_j, v_i, v_j, offs_d, D, METRIC, PRECISION
+        )
+    rows = (batch * K + offs_i)[:, None] * D + offs_d[None, :]
+    tl.store(grad_rows_ptr + rows, acc, mask=(offs_i[:, None] < K) & (offs_d[None, :] < D))
+    if NEED_WEIGHTS:  # written by the programs of the first d-block
+        tl.store(
+            grad_weight_ptr + batch * K + offs_i, grad_p, mask=offs_i < tl.where(pid_d == 0, K, 0)
+        )
+
+
+def saves_errors(metric: str, num_units: int, width_student: int, width_teacher: int) -> bool:
+    """Whether the forward saves the K×K error matrix (and, euclidean, both raw distance
+    matrices) for the backward: when they take no more memory than the units themselves,
+    ``n·K² ≤ K·(d_S + d_T)`` — the usual case (K ≈ 100–300 units against widths of 10³) — so
+    the backward does not recompute both Gram matrices on every tile. Otherwise (``K`` of the
+    order of ``d`` or more) it recomputes them and needs only O(B·K·d) memory."""
+    choice = SWITCHES.structural_backward
+    if choice != "auto":
+        return choice == "saved"
+    return _saved_matrices(metric) * num_units <= width_student + width_teacher
+
+
+def _saved_matrices(metric: str) -> int:
+    return 1 if metric == "cosine" else 3
+
+
 def _column_splits(programs: int, column_blocks: int, device: torch.device) -> int:
     """How many programs share a row block's columns in the backward: enough for ~2 programs per
     SM, at most 4 (each split holds a partial copy of the gradients) and at most the number of
@@ -373,14 +482,18 @@ def _structural_forward(
     weights: Tensor,
     valid: Tensor,
     metric: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Both forward stages: (per-example loss [B], 1/μ [B, 2], coupling a [B, 2]), all fp32;
-    the cosine metric has no means nor coupling (empty tensors: its kernels never read them)."""
+    save: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Both forward stages: (per-example loss [B], 1/μ [B, 2], coupling a [B, 2], saved
+    matrices [n_saved, B, K, K]), all fp32; the cosine metric has no means nor coupling, and
+    without ``save`` nothing is saved (empty tensors: the kernels never read them)."""
     batch, num_units, width_s = student_rows.shape
     meta = _meta(metric, width_s, teacher_rows.shape[2], student_rows.dtype)
     device = student_rows.device
     tile_pairs = _upper_tile_pairs(triton.cdiv(max(num_units, 1), meta["BLOCK_I"]), device)
     partial = empty_output(3, batch, tile_pairs.shape[0], dtype=torch.float32, device=device)
+    shape = (_saved_matrices(metric), batch, num_units, num_units) if save else (0,)
+    saved = empty_output(*shape, dtype=torch.float32, device=device)
     if metric == "cosine":
         inv_mean = partial.new_empty(0)
     else:
@@ -398,31 +511,35 @@ def _structural_forward(
             tile_pairs,
             inv_mean,
             partial,
+            saved if save else partial,
             num_units,
             width_s,
             teacher_rows.shape[2],
             STAGE=stage,
+            SAVE=save and stage == _STAGE_LOSS,
             **meta,
         )
         # [3, B] totals; a single tile pair (K within one block) holds them already
         return partial[..., 0] if tile_pairs.shape[0] == 1 else partial.sum(-1)
 
     if metric == "cosine":
-        return launch(_STAGE_LOSS)[0], inv_mean, partial.new_empty(0)
+        return launch(_STAGE_LOSS)[0], inv_mean, partial.new_empty(0), saved
     means = launch(_STAGE_MEANS)[:2].t() / pair_count
     inv_mean = torch.where(means != 0, 1.0 / means, inv_mean).contiguous()
     sums = launch(_STAGE_LOSS)
-    return sums[0].contiguous(), inv_mean, (sums[1:].t() / pair_count).contiguous()
+    return sums[0].contiguous(), inv_mean, (sums[1:].t() / pair_count).contiguous(), saved
 
 
 @_structural_forward.register_fake
-def _(student_rows, teacher_rows, weights, valid, metric):
-    batch = student_rows.shape[0]
+def _(student_rows, teacher_rows, weights, valid, metric, save):
+    batch, num_units = student_rows.shape[:2]
     extra = (0,) if metric == "cosine" else (batch, 2)
+    saved = (_saved_matrices(metric), batch, num_units, num_units) if save else (0,)
     return (
         student_rows.new_empty(batch, dtype=torch.float32),
         student_rows.new_empty(extra, dtype=torch.float32),
         student_rows.new_empty(extra, dtype=torch.float32),
+        student_rows.new_empty(saved, dtype=torch.float32),
     )
 
 
@@ -435,18 +552,33 @@ def _structural_backward(
     valid: Tensor,
     inv_mean: Tensor,
     coupling: Tensor,
+    saved: Tensor,
     grad_loss: Tensor,
     metric: str,
     need_student: bool,
     need_teacher: bool,
     need_weights: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Launch :func:`_structural_bwd_kernel`: fp32 gradients w.r.t. the student rows, the
-    teacher rows and ``p`` (an empty tensor for each one not needed)."""
+    """fp32 gradients w.r.t. the student rows, the teacher rows and ``p`` (an empty tensor for
+    each one not needed): from the forward's saved matrices when it saved them, else by
+    :func:`_structural_bwd_kernel` recomputing the tiles."""
     batch, num_units, width_s = student_rows.shape
     width_t = teacher_rows.shape[2]
     meta = _meta(metric, width_s, width_t, student_rows.dtype)
     device = student_rows.device
+    if saved.dim() == 4:  # the forward saved its matrices
+        return _saved_backward(
+            student_rows,
+            teacher_rows,
+            weights,
+            valid,
+            inv_mean,
+            coupling,
+            saved,
+            contiguous(grad_loss.float()),
+            meta,
+            (need_student, need_teacher, need_weights),
+        )
     row_blocks = triton.cdiv(max(num_units, 1), meta["BLOCK_I"])
     column_blocks = triton.cdiv(max(num_units, 1), meta["BLOCK_J"])
     n_split = _column_splits(row_blocks * batch, column_blocks, device)
@@ -487,6 +619,67 @@ def _structural_backward(
     return reduce(grad_student), reduce(grad_teacher), reduce(grad_weights)
 
 
+def _saved_backward(
+    student_rows: Tensor,
+    teacher_rows: Tensor,
+    weights: Tensor,
+    valid: Tensor,
+    inv_mean: Tensor,
+    coupling: Tensor,
+    saved: Tensor,
+    scale: Tensor,
+    meta: dict,
+    needs: tuple[bool, bool, bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_structural_bwd_saved_kernel` once per side that needs its gradient, the first
+    launch also writing ``p``'s (when only ``p`` needs one: a student launch with no rows)."""
+    batch, num_units, _ = student_rows.shape
+    device = student_rows.device
+    sides = (student_rows, teacher_rows)
+    grads = [
+        empty_output(
+            *(batch, num_units, rows.shape[2]) if need else (0,),
+            dtype=torch.float32,
+            device=device,
+        )
+        for rows, need in zip(sides, needs[:2], strict=True)
+    ]
+    grads.append(
+        empty_output(*(batch, num_units) if needs[2] else (0,), dtype=torch.float32, device=device)
+    )
+    if batch * num_units == 0:
+        return grads[0], grads[1], grads[2]
+    for n, side in enumerate([side for side in (0, 1) if needs[side]] or [0]):
+        width = sides[side].shape[2] if needs[side] else 0
+        block_d = meta["BLOCK_D_S" if side == 0 else "BLOCK_D_T"]
+        if meta["METRIC"] == METRIC_IDS["cosine"] and not small_blocks():
+            block_d = 64  # the rows of one d-block stay in registers over all column blocks
+        _structural_bwd_saved_kernel[
+            (triton.cdiv(num_units, meta["BLOCK_I"]), max(1, triton.cdiv(width, block_d)), batch)
+        ](
+            saved,
+            sides[side],
+            weights,
+            valid,
+            inv_mean,
+            coupling,
+            scale,
+            grads[side] if needs[side] else grads[2],
+            grads[2],
+            num_units,
+            width,
+            METRIC=meta["METRIC"],
+            SIDE=side,
+            NEED_WEIGHTS=needs[2] and n == 0,
+            BLOCK_I=meta["BLOCK_I"],
+            BLOCK_J=meta["BLOCK_J"],
+            BLOCK_D=block_d,
+            PRECISION=meta["PRECISION"],
+            **{k: v for k, v in meta.items() if k == "num_warps"},
+        )
+    return grads[0], grads[1], grads[2]
+
+
 @_structural_backward.register_fake
 def _(
     student_rows,
@@ -495,6 +688,7 @@ def _(
     valid,
     inv_mean,
     coupling,
+    saved,
     grad_loss,
     metric,
     need_student,
@@ -529,8 +723,11 @@ class StructuralLossFunction(torch.autograd.Function):
         weights = contiguous(span_weights)
         student_rows, student_inv_norm = metric_rows(student_units, metric)
         teacher_rows, teacher_inv_norm = metric_rows(teacher_units, metric)
-        loss, inv_mean, coupling = _structural_forward(
-            student_rows, teacher_rows, weights, valid, metric
+        save = any(ctx.needs_input_grad[:3]) and saves_errors(
+            metric, student_rows.shape[1], student_rows.shape[2], teacher_rows.shape[2]
+        )
+        loss, inv_mean, coupling, saved = _structural_forward(
+            student_rows, teacher_rows, weights, valid, metric, save
         )
         ctx.metric = metric
         ctx.save_for_backward(
@@ -544,6 +741,7 @@ class StructuralLossFunction(torch.autograd.Function):
             valid,
             inv_mean,
             coupling,
+            saved,
         )
         return loss
 
@@ -560,6 +758,7 @@ class StructuralLossFunction(torch.autograd.Function):
             valid,
             inv_mean,
             coupling,
+            saved,
         ) = ctx.saved_tensors
         need_student, need_teacher, need_weights = ctx.needs_input_grad[:3]
         if not (need_student or need_teacher or need_weights):
@@ -571,6 +770,7 @@ class StructuralLossFunction(torch.autograd.Function):
             valid,
             inv_mean,
             coupling,
+            saved,
             grad_loss,
             ctx.metric,
             need_student,

@@ -93,8 +93,8 @@ def _plan_batch(batch: int, num_tokens: int, phrases: int, seed: int) -> tuple:
             "phrase_span_mask": phrase_mask,
         }
     )
-    student = [torch.randn(batch, num_tokens, 8, generator=gen) for _ in range(4)]
-    teacher = [torch.randn(batch, num_tokens, 12, generator=gen) for _ in range(7)]
+    student = [torch.randn(batch, num_tokens, 20, generator=gen) for _ in range(4)]
+    teacher = [torch.randn(batch, num_tokens, 28, generator=gen) for _ in range(7)]
     return student, teacher, plan
 
 
@@ -110,7 +110,8 @@ def test_mta_step_compiles_once_across_batch_shapes():
         return torch._dynamo.backends.debugging.aot_eager(graph, example_inputs)
 
     pairs = (LayerPair(1, 2, "word"), LayerPair(2, 4, "phrase"), LayerPair(3, 6, "phrase"))
-    module = MTALoss(8, 12, pairs)
+    # widths: d_S + d_T > K (one structural backward), and no T of the batches (duck sizing)
+    module = MTALoss(20, 28, pairs)
 
     def step(student, teacher, plan):
         return module(student, teacher, plan).loss

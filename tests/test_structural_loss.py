@@ -6,10 +6,22 @@ from helpers import FUSED_DTYPES, check_against_reference, rel_error
 
 import mta_kernels as mk
 from mta_kernels import reference as ref
+from mta_kernels._switches import SWITCHES
+from mta_kernels.structural_loss import saves_errors
 
 SHAPES = [(3, 37, 19, 26), (2, 2, 3, 5), (1, 45, 70, 20)]  # (B, K, d_S, d_T)
 
 pytestmark = pytest.mark.kernels  # also run on the GPU by benchmarks/gpu_check.sh
+
+
+@pytest.fixture(params=["saved", "recompute"])
+def backward_path(request):
+    """Both backward designs on the same inputs: from the K×K error matrix the forward saved,
+    and recomputing the Gram tiles (what large K uses)."""
+    saved = SWITCHES.structural_backward
+    SWITCHES.structural_backward = request.param
+    yield request.param
+    SWITCHES.structural_backward = saved
 
 
 def make_inputs(batch: int, num_units: int, width_s: int, width_t: int):
@@ -28,6 +40,7 @@ def make_inputs(batch: int, num_units: int, width_s: int, width_t: int):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", FUSED_DTYPES)
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.usefixtures("backward_path")
 def test_matches_reference(shape, dtype, metric, device, seed):
     student, teacher, weights, mask = make_inputs(*shape)
     check_against_reference(
@@ -43,6 +56,7 @@ def test_matches_reference(shape, dtype, metric, device, seed):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.usefixtures("backward_path")
 def test_student_only_grad_and_reductions(reduction, metric, device, seed):
     # The usual call: only the student requires grad; the teacher side gets nothing.
     student, teacher, weights, mask = make_inputs(2, 19, 12, 24)
@@ -103,3 +117,30 @@ def test_nearly_equal_geometry(metric, device, seed):
     assert exact.item() < 1e-4  # the regime: a loss of order (1e-2)^2
     assert rel_error(loss, exact) < 2e-4, f"seed={seed}"
     assert rel_error(grad, exact_grad) < 2e-4, f"seed={seed}"
+
+
+@pytest.mark.parametrize("grad_args", [(2,), (1,), (1, 2)], ids=["p", "teacher", "teacher_p"])
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.usefixtures("backward_path")
+def test_other_gradient_subsets(grad_args, metric, device, seed):
+    """Gradients of ``p`` alone, of the teacher alone, and of both."""
+    student, teacher, weights, mask = make_inputs(3, 37, 19, 26)
+    check_against_reference(
+        mk.structural_loss,
+        ref.structural_loss,
+        [student, teacher, weights, mask, metric, "none"],
+        grad_args=grad_args,
+        dtype=torch.float32,
+        device=device,
+        seed=seed,
+    )
+
+
+def test_backward_design_is_chosen_by_shape():
+    """The error matrix is saved while it is no larger than the inputs (cosine: K ≤ d_S + d_T;
+    euclidean saves three K×K matrices: 3K ≤ d_S + d_T)."""
+    assert SWITCHES.structural_backward == "auto"
+    assert saves_errors("cosine", 300, 768, 1600)
+    assert not saves_errors("cosine", 2400, 768, 1600)
+    assert saves_errors("euclidean", 300, 768, 1600)
+    assert not saves_errors("euclidean", 800, 768, 1600)
