@@ -66,6 +66,17 @@ def use_triton(*tensors: Tensor | None) -> bool:
     return device.type == "cuda" and SWITCHES.prefer_reference_cuda == 0
 
 
+def work_splits(programs: int, blocks: int, device: torch.device) -> int:
+    """Into how many programs to split a loop over ``blocks`` tiles that ``programs`` programs
+    would otherwise run alone: enough for ~2 programs per SM, at most 4 (each split writes its
+    own partial results, merged afterwards in a fixed order) and at most ``blocks``. The
+    interpreter uses 2, so that every split and its merge are tested on CPU."""
+    if device.type != "cuda":
+        return max(1, min(2, blocks))
+    sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(4, blocks, triton.cdiv(2 * sm_count, max(programs, 1))))
+
+
 def contiguous(t: Tensor) -> Tensor:
     return t if t.is_contiguous() else t.contiguous()
 

@@ -30,6 +30,7 @@ from mta_kernels._common import (
     row_normalize_backward,
     small_blocks,
     use_triton,
+    work_splits,
 )
 from mta_kernels._switches import SWITCHES
 from mta_kernels._validation import check_structural_loss_args
@@ -438,16 +439,6 @@ def _saved_matrices(metric: str) -> int:
     return 1 if metric == "cosine" else 3
 
 
-def _column_splits(programs: int, column_blocks: int, device: torch.device) -> int:
-    """How many programs share a row block's columns in the backward: enough for ~2 programs per
-    SM, at most 4 (each split holds a partial copy of the gradients) and at most the number of
-    column blocks. The interpreter uses 2 so that the split and its reduction are tested on CPU."""
-    if device.type != "cuda":
-        return min(2, column_blocks)
-    sm_count = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(4, column_blocks, triton.cdiv(2 * sm_count, max(programs, 1))))
-
-
 @functools.lru_cache(maxsize=64)
 def _upper_tile_pairs(n_blocks: int, device: torch.device) -> Tensor:
     """(i-block, j-block) pairs with i-block <= j-block: [n(n+1)/2, 2] int32."""
@@ -581,7 +572,7 @@ def _structural_backward(
         )
     row_blocks = triton.cdiv(max(num_units, 1), meta["BLOCK_I"])
     column_blocks = triton.cdiv(max(num_units, 1), meta["BLOCK_J"])
-    n_split = _column_splits(row_blocks * batch, column_blocks, device)
+    n_split = work_splits(row_blocks * batch, column_blocks, device)
 
     def buffer(needed: bool, *shape: int) -> Tensor:
         # every element is written: each split owns at least one column block

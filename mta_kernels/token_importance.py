@@ -4,10 +4,13 @@
 ``Ĥ = H / (std(H) + 1e-8)``. Three launches, all O(B·T·d) memory:
 
 1. ``_inv_std_kernel``: ``r_t = 1 / (std(H_t) + 1e-8)`` per token (two passes over ``d``).
-2. ``_row_stats_kernel``: flash-style online softmax over key tiles → per-row max ``m_s`` and the
-   row factor ``c_s = [s valid] / (ℓ_s · N)`` (0 for rows without a valid column); ``N`` is
-   counted from the mask in the same sweep.
-3. ``_column_sum_kernel``: recomputes each score tile and sums ``exp(A_st − m_s) c_s`` over rows.
+2. ``_row_stats_kernel``: flash-style online softmax over key tiles → per-row max ``m_s`` and sum
+   ``ℓ_s``. The key range is split over ``n_split`` programs per row block when the batch alone
+   would not fill the GPU (each split writes its own partial ``(m, ℓ)``: no atomics).
+3. ``_column_sum_kernel``: merges the splits' partials of each row block it reads
+   (``m = max_k m_k``, ``ℓ = Σ_k ℓ_k e^{m_k − m}``, in a fixed order), recomputes each score tile
+   and sums ``exp(A_st − m_s) / ℓ_s`` over the valid rows with a valid column, counting the valid
+   rows ``N`` along the same sweep, and divides by ``N``.
 
 Scores are ``r_s r_t ⟨H_s, H_t⟩ / √d``: ``tl.dot`` on the raw states (tensor cores for 16-bit input)
 with the normalization folded in afterwards. The op has no gradient (teacher side).
@@ -34,6 +37,7 @@ from mta_kernels._common import (
     on_input_device,
     small_blocks,
     use_triton,
+    work_splits,
 )
 from mta_kernels._validation import STD_EPS, check_token_importance_args
 
@@ -125,7 +129,7 @@ def _row_stats_kernel(
     inv_std_ptr,
     mask_ptr,
     row_max_ptr,
-    row_factor_ptr,
+    row_sum_ptr,  # [n_split, L, B, T] fp32 partial (m, ℓ) of each split's key tiles
     B,
     T,
     D,
@@ -135,24 +139,21 @@ def _row_stats_kernel(
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Online softmax over key tiles for a block of query rows: stores ``m_s`` and ``c_s``
-    (grid axis 1: example + B·layer; the per-layer buffers are [L, B, T])."""
+    """Online softmax over the key tiles ``≡ split (mod n_split)`` for a block of query rows:
+    stores that split's ``m_s`` (0 while no valid column was seen) and ``ℓ_s`` (grid axis 1:
+    example + B·layer, axis 2: split)."""
     pid_m, batch, layer = tl.program_id(0), tl.program_id(1) % B, tl.program_id(1) // B
+    split, n_split = tl.program_id(2), tl.num_programs(2)
     h_ptr = _layer(h0_ptr, h1_ptr, h2_ptr, h3_ptr, layer)
     batch = batch.to(tl.int64)
     shift = layer.to(tl.int64) * B * T  # this layer's slice of the [L, B, T] buffers
     inv_std_ptr += shift
-    row_max_ptr += shift
-    row_factor_ptr += shift
+    partial = split.to(tl.int64) * tl.num_programs(1) * T + shift
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     row_sum = tl.zeros((BLOCK_M,), tl.float32)
-    n_valid = tl.zeros((BLOCK_N,), tl.float32)  # N of the example, counted along the sweep
-    for n0 in range(0, T, BLOCK_N):
+    for n0 in range(split * BLOCK_N, T, n_split * BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_valid += tl.where(
-            tl.load(mask_ptr + batch * T + offs_n, mask=offs_n < T, other=0) != 0, 1.0, 0.0
-        )
         scores = _score_tile(
             h_ptr,
             inv_std_ptr,
@@ -175,14 +176,9 @@ def _row_stats_kernel(
             tl.exp(scores - safe_max[:, None]), axis=1
         )
         row_max = new_max
-    count = tl.maximum(tl.sum(n_valid, axis=0), 1.0)
-    row_valid = tl.load(mask_ptr + batch * T + offs_m, mask=offs_m < T, other=0) != 0
-    # A row has no valid column iff its sum is exactly 0; `!= 0` (not `> 0`) lets a NaN through.
-    has_mass = row_valid & (row_sum != 0)
-    factor = tl.where(has_mass, 1.0 / tl.where(has_mass, row_sum * count, 1.0), 0.0)
     safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
-    tl.store(row_max_ptr + batch * T + offs_m, safe_max, mask=offs_m < T)
-    tl.store(row_factor_ptr + batch * T + offs_m, factor, mask=offs_m < T)
+    tl.store(row_max_ptr + partial + batch * T + offs_m, safe_max, mask=offs_m < T)
+    tl.store(row_sum_ptr + partial + batch * T + offs_m, row_sum, mask=offs_m < T)
 
 
 @triton.jit
@@ -194,31 +190,54 @@ def _column_sum_kernel(
     inv_std_ptr,
     mask_ptr,
     row_max_ptr,
-    row_factor_ptr,
+    row_sum_ptr,
     out_ptr,
     B,
     T,
     D,
     scale,
+    n_split,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """``w_t = Σ_s exp(A_st − m_s) c_s`` for a block of key columns, zero on padding (grid axis
-    1: example + B·layer)."""
+    """``w_t = (1/N) Σ_s exp(A_st − m_s) / ℓ_s`` for a block of key columns, over the valid rows
+    ``s`` with a valid column (``ℓ_s ≠ 0``), zero on padding (grid axis 1: example + B·layer)."""
     pid_n, batch, layer = tl.program_id(0), tl.program_id(1) % B, tl.program_id(1) // B
     h_ptr = _layer(h0_ptr, h1_ptr, h2_ptr, h3_ptr, layer)
     batch = batch.to(tl.int64)
     shift = layer.to(tl.int64) * B * T
     inv_std_ptr += shift
-    row_max_ptr += shift
-    row_factor_ptr += shift
     out_ptr += shift
+    split_stride = tl.num_programs(1) * T  # one split's [L, B, T] partials
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_N,), tl.float32)
+    n_valid = tl.zeros((BLOCK_M,), tl.float32)  # N of the example, counted along the sweep
     for m0 in range(0, T, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
+        rows = shift + batch * T + offs_m
+        in_range = offs_m < T
+        row_max = tl.load(row_max_ptr + rows, mask=in_range, other=0.0)
+        row_sum = tl.load(row_sum_ptr + rows, mask=in_range, other=0.0)
+        for k in range(1, n_split):  # merge the splits' softmax statistics, in order
+            other_max = tl.load(row_max_ptr + k * split_stride + rows, mask=in_range, other=0.0)
+            other_sum = tl.load(row_sum_ptr + k * split_stride + rows, mask=in_range, other=0.0)
+            # a split that saw no valid column has ℓ = 0 and a placeholder m = 0: it takes no
+            # part in the maximum, and its exp factor is never evaluated away from 0
+            mine, theirs = row_sum != 0, other_sum != 0
+            merged = tl.where(
+                mine & theirs, tl.maximum(row_max, other_max), tl.where(mine, row_max, other_max)
+            )
+            row_sum = row_sum * tl.exp(tl.where(mine, row_max - merged, 0.0)) + other_sum * tl.exp(
+                tl.where(theirs, other_max - merged, 0.0)
+            )
+            row_max = merged
+        row_valid = tl.load(mask_ptr + batch * T + offs_m, mask=in_range, other=0) != 0
+        n_valid += tl.where(row_valid, 1.0, 0.0)
+        # A row has no valid column iff its sum is exactly 0; `!= 0` (not `> 0`) lets NaN through.
+        has_mass = row_valid & (row_sum != 0)
+        factor = tl.where(has_mass, 1.0 / tl.where(has_mass, row_sum, 1.0), 0.0)
         scores = _score_tile(
             h_ptr,
             inv_std_ptr,
@@ -234,12 +253,11 @@ def _column_sum_kernel(
             BLOCK_D,
             PRECISION,
         )
-        row_max = tl.load(row_max_ptr + batch * T + offs_m, mask=offs_m < T, other=0.0)
-        factor = tl.load(row_factor_ptr + batch * T + offs_m, mask=offs_m < T, other=0.0)
         weighted = tl.exp(scores - row_max[:, None]) * factor[:, None]
-        acc += tl.sum(tl.where(factor[:, None] != 0, weighted, 0.0), axis=0)
+        acc += tl.sum(tl.where(has_mass[:, None], weighted, 0.0), axis=0)
+    count = tl.maximum(tl.sum(n_valid, axis=0), 1.0)
     col_valid = tl.load(mask_ptr + batch * T + offs_n, mask=offs_n < T, other=0) != 0
-    tl.store(out_ptr + batch * T + offs_n, tl.where(col_valid, acc, 0.0), mask=offs_n < T)
+    tl.store(out_ptr + batch * T + offs_n, tl.where(col_valid, acc / count, 0.0), mask=offs_n < T)
 
 
 def _launch_meta(num_tokens: int, width: int, dtype: torch.dtype) -> dict[str, int | str]:
@@ -277,12 +295,17 @@ def _token_importance_fused(hiddens: list[Tensor], attention_mask: Tensor) -> Te
     out = empty_output(layers, batch, num_tokens, dtype=torch.float32, device=device)
     if out.numel() == 0:
         return out
-    inv_std, row_max, row_factor = (
-        empty_output(layers, batch, num_tokens, dtype=torch.float32, device=device)
-        for _ in range(3)
-    )
     pointers = (*hiddens, *hiddens[:1] * (LAYERS_PER_LAUNCH - layers))  # unused slots: layer 0
     meta = _launch_meta(num_tokens, width, hiddens[0].dtype)
+    row_blocks = triton.cdiv(num_tokens, meta["BLOCK_M"])
+    n_split = work_splits(
+        row_blocks * batch * layers, triton.cdiv(num_tokens, meta["BLOCK_N"]), device
+    )
+    inv_std = empty_output(layers, batch, num_tokens, dtype=torch.float32, device=device)
+    row_max, row_sum = (
+        empty_output(n_split, layers, batch, num_tokens, dtype=torch.float32, device=device)
+        for _ in range(2)
+    )
     scale = 1.0 / math.sqrt(width)
     _inv_std_kernel[(batch * num_tokens, layers)](
         *pointers,
@@ -293,20 +316,21 @@ def _token_importance_fused(hiddens: list[Tensor], attention_mask: Tensor) -> Te
         STD_EPS,
         BLOCK_D=block_size(width, 1024),
     )
-    _row_stats_kernel[(triton.cdiv(num_tokens, meta["BLOCK_M"]), batch * layers)](
-        *pointers, inv_std, mask, row_max, row_factor, batch, num_tokens, width, scale, **meta
+    _row_stats_kernel[(row_blocks, batch * layers, n_split)](
+        *pointers, inv_std, mask, row_max, row_sum, batch, num_tokens, width, scale, **meta
     )
     _column_sum_kernel[(triton.cdiv(num_tokens, meta["BLOCK_N"]), batch * layers)](
         *pointers,
         inv_std,
         mask,
         row_max,
-        row_factor,
+        row_sum,
         out,
         batch,
         num_tokens,
         width,
         scale,
+        n_split,
         **meta,
     )
     return out
