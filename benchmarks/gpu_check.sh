@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One command for a GPU machine: the CUDA test suite, the FSDP resume test, one distillation step
-# end to end, the op sweep, then a summary printed last. Uses only torch, triton, transformers and pytest from the
+# One command for a GPU machine: the checks of the MTA step, the CUDA test suite, the FSDP resume
+# test, one distillation step end to end, the op sweep, then a summary printed last. Uses only torch, triton, transformers and pytest from the
 # image; the package is imported from the source tree (PYTHONPATH=.), nothing is installed.
 #
 #   OUT=/tmp/gpu_check bash benchmarks/gpu_check.sh                  # on the GPU machine
@@ -69,8 +69,25 @@ else:
     print("no CUDA device")
 '
 
+# The checks of the MTA step named one by one in the summary (they also run on CPU, the CUDA-only
+# ones skipped there): bf16 at the paper shape against float64 with outlier channels and NaN
+# padding, teacher = student + 1e-2, CUDA-graph replay, 100 bitwise-equal steps, one compiled
+# graph for five batch shapes.
+STEP_CHECKS=(
+  tests/test_loss.py::test_bf16_paper_shape_with_outliers_and_nan_padding
+  tests/test_structural_loss.py::test_nearly_equal_geometry
+  tests/test_loss.py::test_step_replays_from_a_cuda_graph
+  tests/test_loss.py::test_repeated_steps_are_bitwise_equal
+  tests/test_compile.py::test_mta_step_compiles_once_across_batch_shapes
+)
+deselect=()
+for check in "${STEP_CHECKS[@]}"; do deselect+=(--deselect "$check"); done
+run_step "MTA step checks" 100 "$PY" -m pytest "${STEP_CHECKS[@]}" -v -rfEs -p no:cacheprovider \
+  --benchmark-disable
+checks_lines=$(grep -E '(PASSED|FAILED|ERROR|SKIPPED)' "$STEP_OUT" | grep '::' | sed 's/ *\[ *[0-9]*%\]//')
+
 run_step "CUDA tests" "$TEST_S" "$PY" -m pytest tests -m "cuda or kernels" -q -rfEs -p no:cacheprovider \
-  --benchmark-disable --ignore=tests/test_fsdp.py
+  --benchmark-disable --ignore=tests/test_fsdp.py "${deselect[@]}"
 tests_line=$(grep -E '(passed|failed|error|skipped|deselected|no tests ran)' "$STEP_OUT" | tail -n 1)
 
 # Two torchrun launches of the trainer under accelerate's FSDP: capped apart so that a slow start
@@ -96,6 +113,8 @@ run_step summary 60 "$PY" -m benchmarks.render --results "$OUT" --summary "$OUT/
   echo "## gpu_check steps"
   echo
   for step in "${steps[@]}"; do echo "- $step"; done
+  echo "- MTA step checks:"
+  while IFS= read -r line; do [[ -n $line ]] && echo "  - $line"; done <<<"${checks_lines:-no result lines}"
   echo "- tests: ${tests_line:-no pytest summary line}"
   echo "- FSDP test: ${fsdp_line:-no pytest summary line}"
   echo "- total: $((SECONDS - start)) s; full log: gpu_check.log"
