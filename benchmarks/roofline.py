@@ -109,9 +109,11 @@ def parts(shape: Shape = PAPER) -> list[Part]:
     # token importance: two passes over the score tiles (row statistics, then column sums)
     rows, cols = triton.cdiv(T, meta["BLOCK_M"]), triton.cdiv(T, meta["BLOCK_N"])
     score_pass = 2 * B * T * T * d_t
+    # every score tile loads its query and its key rows: T·d·(rows + cols) per pass; the
+    # inverse standard deviations read each row twice
     importance = Work(
         layers * 2 * score_pass,
-        layers * B * T * d_t * _BF16 * (2 + (rows + 1) + (cols + 1)),  # inv_std reads d twice
+        layers * B * T * d_t * _BF16 * (2 + 2 * (rows + cols)),
     )
 
     # span pooling: each valid span reads its tokens once; forward for both sides, the

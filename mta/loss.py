@@ -163,6 +163,14 @@ class MTALoss(nn.Module):
         it as an input), remade in float32 whenever the module is cast or a λ changes."""
         if not hasattr(self, "_lambda_dsa") or not hasattr(self, "_lambda_hra"):
             return  # __init__ has not set both yet
+        old = self._buffers.get("combine")
+        combine = self._combine_matrix()
+        self.register_buffer(
+            "combine", combine if old is None else combine.to(old.device), persistent=False
+        )
+        self._recast_combine: dict[torch.device, Tensor] = {}
+
+    def _combine_matrix(self) -> Tensor:
         n_dsa = sum(term == "dsa" for term, _ in self.terms)
         combine = torch.zeros(3, len(self.terms))
         for column, (term, _) in enumerate(self.terms):
@@ -170,10 +178,18 @@ class MTALoss(nn.Module):
             weight = self.lambda_dsa if term == "dsa" else self.lambda_hra
             combine[0, column] = weight * share
             combine[1 if term == "dsa" else 2, column] = share
-        old = self._buffers.get("combine")
-        self.register_buffer(
-            "combine", combine if old is None else combine.to(old.device), persistent=False
-        )
+        return combine
+
+    def _float32_combine(self) -> Tensor:
+        """``combine``, or its exact float32 values when a wrapper cast the buffer without
+        ``nn.Module._apply`` (FSDP1 mixed precision assigns ``buffer.data``): made once per
+        device, so the λs never go through bf16."""
+        combine = self.combine
+        if combine.dtype == torch.float32:
+            return combine
+        if combine.device not in self._recast_combine:
+            self._recast_combine[combine.device] = self._combine_matrix().to(combine.device)
+        return self._recast_combine[combine.device]
 
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> MTALoss:
         out = super()._apply(fn, recurse)
@@ -298,7 +314,8 @@ class MTALoss(nn.Module):
         # A few launches for every term at once: the batch means of the terms, the loss as one
         # dot product, and the two totals (logged only) as one more product.
         per_term = torch.stack([per_example[t] for t in self.terms]).mean(dim=1)
-        combine = self.combine.to(per_term.dtype)  # a no-op but for float64 (reference) runs
+        # float32 (a no-op cast but for float64 reference runs)
+        combine = self._float32_combine().to(per_term.dtype)
         loss = combine[0] @ per_term
         shown = per_term.detach()
         dsa, hra = combine[1:] @ shown

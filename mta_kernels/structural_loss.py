@@ -183,7 +183,7 @@ def _structural_fwd_kernel(
     else:
         if SAVE:
             mirror = block_i != block_j
-            square = tl.num_programs(1) * K * K  # one [B, K, K] matrix
+            square = tl.num_programs(1).to(tl.int64) * K * K  # one [B, K, K] matrix
             _save_tile(
                 saved_ptr + batch * K * K, tl.where(valid, error, 0.0), offs_i, offs_j, K, mirror
             )
@@ -389,7 +389,7 @@ def _structural_bwd_saved_kernel(
     offs_i = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     scale = tl.load(scale_ptr + batch)
-    square = tl.num_programs(2) * K * K
+    square = tl.num_programs(2).to(tl.int64) * K * K
     errors = saved_ptr + batch * K * K
     tiles = saved_ptr + (1 + SIDE) * square + batch * K * K
     v_i = unit_valid(valid_ptr + batch * K, offs_i, K)
@@ -403,9 +403,12 @@ def _structural_bwd_saved_kernel(
         square_ij = offs_i[:, None] * K + offs_j[None, :]
         error = tl.load(errors + square_ij, mask=valid, other=0.0)
         p_j = tl.load(weight_ptr + batch * K + offs_j, mask=v_j, other=0.0).to(tl.float32)
+        # masked like the recompute design: an invalid pair's term is 0 whatever p holds
         if NEED_WEIGHTS:
-            grad_p += 2.0 * scale * tl.sum(p_j[None, :] * error * error, axis=1)
-        weighted_error = p_i[:, None] * p_j[None, :] * error
+            grad_p += (
+                2.0 * scale * tl.sum(tl.where(valid, p_j[None, :] * error * error, 0.0), axis=1)
+            )
+        weighted_error = tl.where(valid, p_i[:, None] * p_j[None, :] * error, 0.0)
         tile = weighted_error  # unused by the cosine coefficients
         if METRIC == 1:
             tile = tl.load(tiles + square_ij, mask=valid, other=0.0)

@@ -48,6 +48,14 @@ def device() -> str:
     return FUSED_DEVICE
 
 
+@pytest.fixture(params=["saved", "recompute"])
+def backward_path(request, monkeypatch) -> str:
+    """Both designs of the structural loss's backward on the same inputs: from the K×K error
+    matrix the forward saved, and recomputing the Gram tiles (what large K uses)."""
+    monkeypatch.setattr(SWITCHES, "structural_backward", request.param)
+    return request.param
+
+
 @pytest.fixture
 def seed() -> int:
     """A fresh seed per test run; failures print it (``assert ..., f"seed={seed}"``)."""

@@ -345,6 +345,13 @@ def test_loss_weights_follow_lambda_and_stay_exact() -> None:
     module.to(torch.bfloat16)  # what a mixed-precision wrapper may do to a module's buffers
     assert module.combine.dtype == torch.float32
     assert module.combine[0].tolist() == pytest.approx([0.0, 0.0, 0.2, 0.2])
+    module.float()
+    module.lambda_dsa = 1.0 / 3.0  # not a bf16 number
+    exact = module(student, teacher, batch)
+    # FSDP1's mixed precision casts buffers by assigning `.data`, bypassing nn.Module._apply
+    module.combine.data = module.combine.data.to(torch.bfloat16)
+    cast = module(student, teacher, batch)
+    assert torch.equal(cast.loss, exact.loss)
 
 
 def _counted_step(device: str):
@@ -452,13 +459,14 @@ def test_bf16_paper_shape_with_outliers_and_nan_padding() -> None:
         assert not got[padding].any()
 
 
+@pytest.mark.kernels
 @pytest.mark.parametrize("path", ["fused", "reference"])
-def test_padding_contents_change_nothing(path: str) -> None:
+def test_padding_contents_change_nothing(path: str, device: str) -> None:
     """NaN in the teacher's padding and garbage in the student's (the NaN policy of MTALoss, see
     the README): the loss, its components and every gradient are those of zeros there, and the
     padding's gradient is 0."""
-    step, student, teacher, plan = _counted_step("cpu")
-    context = mk.prefer_reference() if path == "reference" else contextlib.nullcontext()
+    step, student, teacher, plan = _counted_step(device)
+    context = mk.prefer_reference(cuda=True) if path == "reference" else contextlib.nullcontext()
     padding = plan.attention_mask == 0
     assert padding.any()
     with torch.no_grad():

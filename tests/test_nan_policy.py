@@ -21,6 +21,7 @@ from torch import Tensor
 
 import mta_kernels as mk
 from mta_kernels import reference as ref
+from mta_kernels._switches import SWITCHES
 
 pytestmark = pytest.mark.kernels
 
@@ -111,11 +112,22 @@ def pairwise_case(op, metric: str) -> Case:
     )
 
 
-def structural_case(op, metric: str) -> Case:
+def structural_case(op, metric: str, backward: str = "auto") -> Case:
+    """``backward``: the design of the structural backward (SWITCHES.structural_backward), chosen
+    when the forward runs."""
     invalid = ~SPAN_MASK
     depends = torch.tensor([True, False])
+
+    def run(s: Tensor, t: Tensor, p: Tensor) -> Tensor:
+        saved = SWITCHES.structural_backward
+        SWITCHES.structural_backward = backward
+        try:
+            return op.structural_loss(s, t, p, SPAN_MASK, metric, "none")
+        finally:
+            SWITCHES.structural_backward = saved
+
     return Case(
-        run=lambda s, t, p: op.structural_loss(s, t, p, SPAN_MASK, metric, "none"),
+        run=run,
         tensors=[torch.randn(B, K, D), torch.randn(B, K, 2 * D), torch.rand(B, K)],
         grad=(0, 1, 2),
         masked=[_rows(invalid, D), _rows(invalid, 2 * D), invalid],
@@ -146,6 +158,8 @@ CASES = {
     "pairwise_euclidean": lambda op: pairwise_case(op, "euclidean"),
     "structural_cosine": lambda op: structural_case(op, "cosine"),
     "structural_euclidean": lambda op: structural_case(op, "euclidean"),
+    "structural_cosine_recompute": lambda op: structural_case(op, "cosine", "recompute"),
+    "structural_euclidean_recompute": lambda op: structural_case(op, "euclidean", "recompute"),
     "hidden_alignment": hidden_alignment_case,
 }
 

@@ -14,16 +14,6 @@ SHAPES = [(3, 37, 19, 26), (2, 2, 3, 5), (1, 45, 70, 20)]  # (B, K, d_S, d_T)
 pytestmark = pytest.mark.kernels  # also run on the GPU by benchmarks/gpu_check.sh
 
 
-@pytest.fixture(params=["saved", "recompute"])
-def backward_path(request):
-    """Both backward designs on the same inputs: from the K×K error matrix the forward saved,
-    and recomputing the Gram tiles (what large K uses)."""
-    saved = SWITCHES.structural_backward
-    SWITCHES.structural_backward = request.param
-    yield request.param
-    SWITCHES.structural_backward = saved
-
-
 def make_inputs(batch: int, num_units: int, width_s: int, width_t: int):
     student = torch.randn(batch, num_units, width_s)
     teacher = torch.randn(batch, num_units, width_t)
@@ -97,6 +87,7 @@ def test_bf16_cuda_paper_shape(metric, seed):
 
 
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.usefixtures("backward_path")
 def test_nearly_equal_geometry(metric, device, seed):
     """Teacher = student + 1e-2 noise, the regime late in training: the loss only sees the
     differences D_S − D_T ≈ 1e-2 of distances ≈ 1, so a relative rounding ε of the distances is
