@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import csv
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -49,6 +48,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import mta_kernels as mk
+from benchmarks import harness
 from mta.layers import LayerPair
 from mta.loss import MTALoss
 from mta.unit_plan import UnitPlan
@@ -277,18 +277,15 @@ def rows(device: torch.device) -> list[dict[str, object]]:
 
 
 def write_csv(path: Path, table: Sequence[dict[str, object]]) -> None:
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, COLUMNS)
-        writer.writeheader()
-        writer.writerows(table)
+    path.unlink(missing_ok=True)
+    harness.append_rows(path, table, COLUMNS)
 
 
 def read_csv(path: Path) -> list[dict[str, object]]:
-    with path.open(newline="", encoding="utf-8") as handle:
-        return [
-            {k: (int(v) if k not in ("path", "detail") else v) for k, v in row.items()}
-            for row in csv.DictReader(handle)
-        ]
+    return [
+        {k: (int(v) if k not in ("path", "detail") else v) for k, v in row.items()}
+        for row in harness.read_rows(path, COLUMNS)
+    ]
 
 
 def markdown_table(path: Path) -> str:

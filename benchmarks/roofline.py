@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import importlib
 import sys
 from collections.abc import Iterator, Sequence
@@ -34,6 +33,7 @@ from pathlib import Path
 import torch
 import triton
 
+from benchmarks import harness
 from benchmarks.bench_ops import GRANULARITIES, PAPER, Shape, Work, _op_work, make_batch
 from mta_kernels._switches import SWITCHES
 
@@ -260,15 +260,12 @@ def rows(shape: Shape = PAPER) -> list[dict[str, object]]:
 
 
 def write_csv(path: Path, table: Sequence[dict[str, object]]) -> None:
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, COLUMNS)
-        writer.writeheader()
-        writer.writerows(table)
+    path.unlink(missing_ok=True)
+    harness.append_rows(path, table, COLUMNS)
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+    return harness.read_rows(path, COLUMNS)
 
 
 def markdown_table(path: Path) -> str:
