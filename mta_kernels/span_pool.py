@@ -265,12 +265,11 @@ class SpanIndex(NamedTuple):
 
     ``valid`` [B, K] bool is the validated mask; the int32 [B, K] ranges ``starts``/``ends`` are
     the validated spans with invalid ones made empty at 0; ``order``/``sorted_*`` sort them by
-    start;
-    ``k_lo``/``k_hi`` [B, T] int32 count, per token ``t``, the sorted spans whose running maximum
-    end is ``<= t`` and those whose start is ``<= t``: any block of tokens of the backward gather
-    reads its candidate spans from them. Every field is a tensor, ``T`` is the size of ``k_lo``
-    and no size is a constant (such as the 2 of [B, K, 2] spans): a compiled step sees them as
-    symbols, and one graph serves batches of any T and K.
+    start; ``k_lo``/``k_hi`` [B, T] int32 count, per token ``t``, the sorted spans whose running
+    maximum end is ``<= t`` and those whose start is ``<= t``: any block of tokens of the
+    backward gather reads its candidate spans from them. Every field is a tensor, ``T`` is the
+    size of ``k_lo`` and no size is a constant (such as the 2 of [B, K, 2] spans): a compiled
+    step sees them as symbols, and one graph serves batches of any T and K.
     """
 
     valid: Tensor
