@@ -22,7 +22,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -292,6 +292,17 @@ def append_rows(
             if set(row) != set(columns):
                 raise ValueError(f"row keys {sorted(row)} differ from the columns {list(columns)}")
             writer.writerow(row)
+
+
+def markdown_table(
+    header: Sequence[str], body: Iterable[Sequence[object]], right: Container[int] = ()
+) -> str:
+    """A Markdown table (no final newline); the columns numbered in ``right`` are right-aligned
+    (numbers)."""
+    rule = "|" + "".join("---:|" if i in right else "---|" for i in range(len(header)))
+    lines = ["| " + " | ".join(header) + " |", rule]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in body]
+    return "\n".join(lines)
 
 
 def read_rows(path: Path, columns: Sequence[str] = COLUMNS) -> list[dict[str, str]]:

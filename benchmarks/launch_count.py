@@ -295,14 +295,34 @@ def markdown_table(path: Path) -> str:
         "(exact counts; one step = MTALoss forward + backward, 3 layer pairs, B=2, T=64; "
         "budget: 60 launches, 0 host syncs).",
         "",
-        "| path | launches | Triton | ATen | host syncs | host-to-device copies | most frequent |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        harness.markdown_table(
+            (
+                "path",
+                "launches",
+                "Triton",
+                "ATen",
+                "host syncs",
+                "host-to-device copies",
+                "most frequent",
+            ),
+            [
+                [
+                    r[k]
+                    for k in (
+                        "path",
+                        "launches",
+                        "triton",
+                        "aten",
+                        "host_syncs",
+                        "host_to_device",
+                        "detail",
+                    )
+                ]
+                for r in read_csv(path)
+            ],
+            right=range(1, 6),
+        ),
     ]
-    for r in read_csv(path):
-        lines.append(
-            f"| {r['path']} | {r['launches']} | {r['triton']} | {r['aten']} | "
-            f"{r['host_syncs']} | {r['host_to_device']} | {r['detail']} |"
-        )
     return "\n".join(lines)
 
 

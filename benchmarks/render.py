@@ -227,8 +227,7 @@ def grouped(rows: list[dict[str, str]]) -> dict[tuple[str, ...], dict[str, dict[
 
 
 def table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body]) + "\n"
+    return harness.markdown_table(header, body) + "\n"
 
 
 def comparison_table(card: CardResults, rows: list[dict[str, str]], with_op: bool) -> str:

@@ -276,14 +276,20 @@ def markdown_table(path: Path) -> str:
         f"{shape.k_phrase} phrases, d_S={shape.d_student}, d_T={shape.d_teacher}, bf16 states, "
         "MTALoss forward + backward, 3 layer pairs).",
         "",
-        "| part | MMA operands | design GFLOP | floor GFLOP | design MB | floor MB | note |",
-        "|---|---|---:|---:|---:|---:|---|",
+        harness.markdown_table(
+            (
+                "part",
+                "MMA operands",
+                "design GFLOP",
+                "floor GFLOP",
+                "design MB",
+                "floor MB",
+                "note",
+            ),
+            [[r[column] for column in COLUMNS] for r in read_csv(path)],
+            right=range(2, 6),
+        ),
     ]
-    for r in read_csv(path):
-        lines.append(
-            f"| {r['part']} | {r['mma']} | {r['design_gflop']} | {r['floor_gflop']} | "
-            f"{r['design_mb']} | {r['floor_mb']} | {r['note']} |"
-        )
     return "\n".join(lines)
 
 
