@@ -84,11 +84,9 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
-def check_spans(
-    spans: Tensor, span_mask: Tensor, batch: int, num_tokens: int, check_ranges: bool = True
-) -> None:
+def check_spans(spans: Tensor, span_mask: Tensor, batch: int, num_tokens: int) -> None:
     """``spans`` int [B, K, 2] with ``0 <= start <= end <= T`` wherever ``span_mask`` is set
-    (the ranges only with ``check_ranges``: that part reads a flag back from the device)."""
+    (the range part reads a flag back from the device; ``assume_valid_spans`` skips it)."""
     if not isinstance(spans, Tensor):
         raise TypeError(f"spans must be a torch.Tensor, got {type(spans).__name__}")
     if spans.dtype not in INDEX_DTYPES:
@@ -98,12 +96,7 @@ def check_spans(
     if spans.dim() != 3 or spans.shape[0] != batch or spans.shape[2] != 2:
         raise ValueError(f"spans must have shape [B={batch}, K, 2], got {tuple(spans.shape)}")
     check_span_mask(span_mask, (batch, spans.shape[1]))
-    if (
-        not check_ranges
-        or spans.numel() == 0
-        or torch.compiler.is_compiling()
-        or not SWITCHES.span_range_checks
-    ):
+    if spans.numel() == 0 or torch.compiler.is_compiling() or not SWITCHES.span_range_checks:
         return  # compiled graphs skip the value check; the kernels clamp ranges into [0, T]
     valid = span_mask.bool()
     starts, ends = spans[..., 0], spans[..., 1]
