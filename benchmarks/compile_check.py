@@ -63,7 +63,6 @@ class Launch:
     attrs: dict
     num_warps: int
     num_stages: int
-    key: str
 
     @property
     def name(self) -> str:
@@ -121,7 +120,6 @@ def recorded_launches(arch: int) -> Iterator[dict[str, Launch]]:
                 compile["configs"][0],
                 compile["num_warps"],
                 compile["num_stages"],
-                str(key),
             ),
         )
         return True  # skip compiling and launching
