@@ -204,9 +204,10 @@ def workloads() -> dict[str, Callable[[], None]]:
         mk.token_importance(short, torch.ones(BATCH, 64, dtype=torch.long))
 
     def many_units(dtype: torch.dtype) -> None:
-        """K of the order of d: the structural backward recomputes its tiles."""
+        """K of the order of d: the structural backward recomputes its tiles (above d_S + d_T,
+        below the cosine moments form's K)."""
         for metric, units in (
-            ("cosine", 2 * (WIDTH_S + WIDTH_T)),
+            ("cosine", WIDTH_S + WIDTH_T + 32),
             ("euclidean", WIDTH_S + WIDTH_T),
         ):
             rows = torch.randn(2, units, WIDTH_S, dtype=dtype, requires_grad=True)

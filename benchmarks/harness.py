@@ -13,6 +13,7 @@ other exception yields ``ERROR`` (the message goes to stderr). Rows are never dr
 
 from __future__ import annotations
 
+import argparse
 import csv
 import gc
 import itertools
@@ -292,6 +293,38 @@ def append_rows(
             if set(row) != set(columns):
                 raise ValueError(f"row keys {sorted(row)} differ from the columns {list(columns)}")
             writer.writerow(row)
+
+
+def write_rows(
+    path: Path, rows: Iterable[Mapping[str, object]], columns: Sequence[str] = COLUMNS
+) -> None:
+    """Replace a results CSV with ``rows`` (see :func:`append_rows`)."""
+    Path(path).unlink(missing_ok=True)
+    append_rows(path, rows, columns)
+
+
+def model_main(
+    argv: Sequence[str] | None,
+    description: str,
+    compute: Callable[[], Sequence[Mapping[str, object]]],
+    columns: Sequence[str],
+    markdown: Callable[[Path], str],
+    show: Callable[[Sequence[Mapping[str, object]]], None],
+) -> int:
+    """The command line of a model computed on any machine (``--out CSV`` writes its rows,
+    ``--markdown CSV`` prints the README table of a committed CSV, otherwise ``show`` prints)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, default=None, help="write the CSV here")
+    parser.add_argument("--markdown", type=Path, metavar="CSV", help="print the table of a CSV")
+    args = parser.parse_args(argv)
+    if args.markdown is not None:
+        print(markdown(args.markdown))
+        return 0
+    table = compute()
+    if args.out is not None:
+        write_rows(args.out, table, columns)
+    show(table)
+    return 0
 
 
 def markdown_table(

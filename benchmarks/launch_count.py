@@ -277,8 +277,7 @@ def rows(device: torch.device) -> list[dict[str, object]]:
 
 
 def write_csv(path: Path, table: Sequence[dict[str, object]]) -> None:
-    path.unlink(missing_ok=True)
-    harness.append_rows(path, table, COLUMNS)
+    harness.write_rows(path, table, COLUMNS)
 
 
 def read_csv(path: Path) -> list[dict[str, object]]:

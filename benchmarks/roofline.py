@@ -22,7 +22,6 @@ achieved fraction of the floor). Usage::
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib
 import sys
@@ -102,7 +101,9 @@ def parts(shape: Shape = PAPER) -> list[Part]:
         structural = [
             (units[g], _structural._meta("cosine", d_s, d_t, torch.float32)) for g in GRANULARITIES
         ]
-        saved = [_structural.saves_errors("cosine", k, d_s, d_t) for k, _ in structural]
+        saved = [
+            _structural.structural_design("cosine", k, d_s, d_t) == "saved" for k, _ in structural
+        ]
         gather_t = _span_pool._gather_block_t()
     layers = len(GRANULARITIES)  # one teacher layer per pair
 
@@ -238,7 +239,8 @@ def parts(shape: Shape = PAPER) -> list[Part]:
             "fp32",
             projection,
             floor["proj"],
-            "dense x·W over all B·T tokens: the largest part of the step",
+            "dense x·W over all B·T tokens: the largest part of the step (fp32; "
+            "MTALoss(projection_dtype=torch.bfloat16) runs it on bf16 tensor cores)",
         ),
         Part("hidden alignment forward + backward", "—", alignment, floor["hra"]),
     ]
@@ -257,11 +259,6 @@ def rows(shape: Shape = PAPER) -> list[dict[str, object]]:
         )
         for p in parts(shape)
     ]
-
-
-def write_csv(path: Path, table: Sequence[dict[str, object]]) -> None:
-    path.unlink(missing_ok=True)
-    harness.append_rows(path, table, COLUMNS)
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -293,23 +290,16 @@ def markdown_table(path: Path) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=None, help="write the CSV here")
-    p.add_argument("--markdown", type=Path, metavar="CSV", help="print the table of a CSV")
-    args = p.parse_args(argv)
-    if args.markdown is not None:
-        print(markdown_table(args.markdown))
-        return 0
-    table = rows()
-    if args.out is not None:
-        write_csv(args.out, table)
+def _show(table: Sequence[dict[str, object]]) -> None:
     for r in table:
         print(
             f"{r['part']:<58} {r['mma']:>6}  {r['design_gflop']:>9} / {r['floor_gflop']:>9} GFLOP"
             f"  {r['design_mb']:>9} / {r['floor_mb']:>9} MB"
         )
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return harness.model_main(argv, __doc__.splitlines()[0], rows, COLUMNS, markdown_table, _show)
 
 
 if __name__ == "__main__":

@@ -172,6 +172,7 @@ def _build(checked: CheckedRun) -> MTATrainer:
             lambda_dsa=config.mta.lambda_dsa,
             lambda_hra=config.mta.lambda_hra,
             metric=config.mta.metric,
+            projection_dtype=_dtype(config.mta.projection_dtype),
             use_dsa=config.mta.lambda_dsa > 0,
             use_hra=config.mta.lambda_hra > 0,
         )

@@ -142,6 +142,8 @@ class MTAConfig:
     lambda_dsa: float = 2.0
     lambda_hra: float = 0.2
     metric: Literal["cosine", "euclidean"] = "cosine"
+    projection_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Operands of the HRA projection (``MTALoss(projection_dtype=...)``)."""
     num_key_layers: int = 3
     num_word_layers: int = 1
     stride: int | None = None

@@ -20,7 +20,8 @@ Precision: the whole forward runs with autocast disabled, so every MTA quantity 
 inside a bf16 mixed-precision step. Projectors ``W_l`` (``Linear(d_S, d_T, bias=False)``,
 orthogonal init) are float32 parameters and the student states are cast up to them: the
 projection (``B·T·d_S·d_T``) is small next to the models and the loss sees no bf16 rounding.
-``.to(dtype)`` on the module runs the projectors in another dtype.
+``.to(dtype)`` on the module runs the projectors in another dtype; ``projection_dtype`` bf16 keeps
+them float32 parameters and projects with bf16 operands (the step's largest GEMMs).
 """
 
 from __future__ import annotations
@@ -37,7 +38,10 @@ import mta_kernels as mk
 from mta.layers import GRANULARITIES, LayerPair, LayerPairLike, parse_layer_pairs
 from mta.unit_plan import PLAN_KEY, UnitPlan
 
-__all__ = ["MTALoss", "MTALossOutput"]
+__all__ = ["PROJECTION_DTYPES", "MTALoss", "MTALossOutput"]
+
+#: The operand dtypes of the HRA projection (``MTALoss(projection_dtype=...)``).
+PROJECTION_DTYPES = (torch.float32, torch.bfloat16)
 
 HiddenStates = Sequence[Tensor] | Mapping[int, Tensor]
 
@@ -106,6 +110,11 @@ class MTALoss(nn.Module):
         metric: ``cosine`` (paper) or ``euclidean`` unit distances for DSA.
         use_dsa, use_hra: ablation switches; at least one must be on. Projectors exist only with
             ``use_hra`` (so no unused parameters reach the optimizer or DDP).
+        projection_dtype: the operands of the HRA projection: ``torch.float32`` (default: exact)
+            or ``torch.bfloat16`` (bf16 tensor cores, fp32 accumulation, a bf16 output; the
+            projectors stay float32 parameters). The projection is the largest part of the
+            step's arithmetic (``6·B·T·d_S·d_T`` per pair); bf16 trades ≈1e-2 relative error in
+            the projector's gradient for it (``benchmarks/results/precision_model.csv``).
 
     ``projectors`` is an ``nn.ModuleDict`` keyed by ``str(student_layer)``.
     """
@@ -123,6 +132,7 @@ class MTALoss(nn.Module):
         metric: str = "cosine",
         use_dsa: bool = True,
         use_hra: bool = True,
+        projection_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
         for name, size in (
@@ -133,6 +143,11 @@ class MTALoss(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {size!r}")
         if metric not in ("cosine", "euclidean"):
             raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
+        if projection_dtype not in PROJECTION_DTYPES:
+            raise ValueError(
+                "projection_dtype must be torch.float32 or torch.bfloat16, got "
+                f"{projection_dtype!r}"
+            )
         if not (use_dsa or use_hra):
             raise ValueError(
                 "use_dsa and use_hra are both False: MTALoss would be 0; to train without MTA do "
@@ -144,6 +159,7 @@ class MTALoss(nn.Module):
         self.metric = metric
         self.use_dsa = use_dsa
         self.use_hra = use_hra
+        self.projection_dtype = projection_dtype
         self.projectors = nn.ModuleDict()
         if use_hra:
             for pair in self.layer_pairs:
@@ -206,13 +222,19 @@ class MTALoss(nn.Module):
         pairs = ", ".join(f"{p.name}:{p.granularity}" for p in self.layer_pairs)
         return (
             f"pairs=[{pairs}], lambda_dsa={self.lambda_dsa}, lambda_hra={self.lambda_hra}, "
-            f"metric={self.metric!r}, use_dsa={self.use_dsa}, use_hra={self.use_hra}"
+            f"metric={self.metric!r}, use_dsa={self.use_dsa}, use_hra={self.use_hra}, "
+            f"projection_dtype={self.projection_dtype}"
         )
 
     def _project(self, student_layer: int, x: Tensor) -> Tensor:
-        """``x W_l`` in the projector's dtype (float32 by default): [..., d_T]."""
+        """``x W_l``: [..., d_T], in the projector's dtype (float32 unless the module was cast),
+        or with bf16 operands and output when ``projection_dtype`` is bf16."""
         projector = self.projectors[str(student_layer)]
-        return projector(x.to(projector.weight.dtype))
+        if self.projection_dtype != torch.bfloat16:
+            return projector(x.to(projector.weight.dtype))
+        # autocast casts the operands (the module is still called: wrappers' hooks run)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return projector(x)
 
     def forward(
         self,

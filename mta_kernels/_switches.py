@@ -11,9 +11,10 @@
 * ``small_blocks``: interpreter-sized tiles; tests turn it off to run the GPU tile sizes on CPU.
 * ``poison_outputs``: NaN-fill kernel outputs before launch (tests), so that an element a kernel
   forgets to write fails a comparison.
-* ``structural_backward``: ``"auto"`` (the structural loss saves its K×K error matrix for the
-  backward when that is no larger than its inputs), or ``"saved"`` / ``"recompute"`` to force one
-  backward (tests run both on the same inputs).
+* ``structural_design``: ``"auto"`` (the structural loss picks its design by shape:
+  :func:`mta_kernels.structural_loss.structural_design`), or ``"saved"`` / ``"recompute"`` /
+  ``"moments"`` to force one (tests run each on the same inputs; the euclidean metric has no
+  ``"moments"`` form and recomputes instead).
 
 A plain object, not ``ContextVar``s: the dispatch runs inside compiled graphs, and Dynamo traces
 (and guards on) attribute reads of a global object but not ``ContextVar.get``. The switches are
@@ -54,7 +55,7 @@ class Switches:
     fp32_dot_precision: str = "tf32x3"
     small_blocks: bool = False
     poison_outputs: bool = False
-    structural_backward: str = "auto"
+    structural_design: str = "auto"
 
 
 _interpreter = os.environ.get("TRITON_INTERPRET", "0") == "1"

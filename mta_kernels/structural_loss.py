@@ -4,14 +4,19 @@ Per example ``L = Σ_{ij} W_ij E_ij²`` with ``W_ij = p_i p_j V_ij`` (``V_ij = v
 ``E = D^S − D^T``. Cosine: ``E = Ĝ^T − Ĝ^S`` from Gram tiles of the normalized units. Euclidean:
 ``E = r^S/μ_S − r^T/μ_T``, the means ``μ`` coming from a first pass over the same tiles.
 
-Forward: one program per upper-triangular tile pair (``i-block ≤ j-block``; off-diagonal pairs
-count twice by symmetry) writes partial sums that are reduced in a fixed order. Backward, chosen
-by shape (:func:`saves_errors`): while the [B, K, K] error matrix (cosine; euclidean adds both raw
-distance matrices) is no larger than the units, the forward saves it and the backward rebuilds
-each coefficient tile from it, one program per (row block, d-block) keeping its rows in registers
-over all column blocks; for larger K one program per row block recomputes its Gram tiles for
-every column block and accumulates its own rows of fp32 gradient buffers (memory O(B·K·d)). Both
-are deterministic, without atomics, and compute only the gradients that are needed.
+Three designs, chosen by shape (:func:`structural_design`); all deterministic, without atomics,
+computing only the gradients that are needed:
+
+* **tiles, saved errors** (the usual K): one program per upper-triangular tile pair
+  (``i-block ≤ j-block``; off-diagonal pairs count twice by symmetry) writes partial sums reduced in
+  a fixed order, and saves the [B, K, K] error matrix (euclidean: both raw distance matrices too);
+  the backward rebuilds each coefficient tile from it, one program per (row block, d-block) keeping
+  its rows in registers over all column blocks;
+* **tiles, recompute** (K of the order of d): the same forward without saving; one backward program
+  per row block recomputes its Gram tiles for every column block and accumulates its own rows of
+  fp32 gradient buffers (memory O(B·K·d));
+* **moments** (cosine, K ≫ d): the d×d second moments of the normalized rows in float64
+  (:class:`MomentsStructuralLossFunction`), O(K·d²) instead of O(K²·d).
 """
 
 import functools
@@ -27,6 +32,7 @@ from mta_kernels._common import (
     dot_precision,
     empty_output,
     on_input_device,
+    row_normalize,
     row_normalize_backward,
     small_blocks,
     use_triton,
@@ -426,16 +432,33 @@ def _structural_bwd_saved_kernel(
         )
 
 
-def saves_errors(metric: str, num_units: int, width_student: int, width_teacher: int) -> bool:
-    """Whether the forward saves the K×K error matrix (and, euclidean, both raw distance
-    matrices) for the backward: when they take no more memory than the units themselves,
-    ``n·K² ≤ K·(d_S + d_T)`` — the usual case (K ≈ 100–300 units against widths of 10³) — so
-    the backward does not recompute both Gram matrices on every tile. Otherwise (``K`` of the
-    order of ``d`` or more) it recomputes them and needs only O(B·K·d) memory."""
-    choice = SWITCHES.structural_backward
+STRUCTURAL_DESIGNS = ("saved", "recompute", "moments")
+
+
+def structural_design(metric: str, num_units: int, width_student: int, width_teacher: int) -> str:
+    """The design of the structural loss at this shape (``SWITCHES.structural_design`` forces one):
+
+    * ``"saved"`` while the forward's [B, K, K] error matrix (euclidean: also both raw distance
+      matrices, ``n = 3``) takes no more memory than the units, ``n·K ≤ d_S + d_T`` — the usual
+      case (K ≈ 100–300 units against widths of 10³): the backward reads it instead of
+      recomputing both Gram matrices on every tile;
+    * ``"moments"`` (cosine only) when ``K·(d_S + d_T) > 2·(d_S² + d_S·d_T + d_T²)``: the d×d
+      form (:class:`MomentsStructuralLossFunction`), O(K·d²) float64 products instead of the
+      tiles' O(K²·d) — at the paper's widths from K ≈ 3700 units (a long context). The factor 2
+      is an estimate of float64 GEMMs against ``tf32x3`` tiles on a Hopper GPU, not a
+      measurement;
+    * ``"recompute"`` between the two (and for every larger euclidean K): memory O(B·K·d).
+    """
+    choice = SWITCHES.structural_design
+    if choice == "moments" and metric != "cosine":
+        return "recompute"  # the euclidean distances have no low-rank form
     if choice != "auto":
-        return choice == "saved"
-    return _saved_matrices(metric) * num_units <= width_student + width_teacher
+        return choice
+    widths = width_student + width_teacher
+    squares = width_student**2 + width_student * width_teacher + width_teacher**2
+    if metric == "cosine" and num_units * widths > 2 * squares:
+        return "moments"
+    return "saved" if _saved_matrices(metric) * num_units <= widths else "recompute"
 
 
 def _saved_matrices(metric: str) -> int:
@@ -717,8 +740,12 @@ class StructuralLossFunction(torch.autograd.Function):
         weights = contiguous(span_weights)
         student_rows, student_inv_norm = metric_rows(student_units, metric)
         teacher_rows, teacher_inv_norm = metric_rows(teacher_units, metric)
-        save = any(ctx.needs_input_grad[:3]) and saves_errors(
-            metric, student_rows.shape[1], student_rows.shape[2], teacher_rows.shape[2]
+        save = (
+            any(ctx.needs_input_grad[:3])
+            and structural_design(
+                metric, student_rows.shape[1], student_rows.shape[2], teacher_rows.shape[2]
+            )
+            == "saved"
         )
         loss, inv_mean, coupling, saved = _structural_forward(
             student_rows, teacher_rows, weights, valid, metric, save
@@ -786,6 +813,80 @@ class StructuralLossFunction(torch.autograd.Function):
         )
 
 
+class MomentsStructuralLossFunction(torch.autograd.Function):
+    """Per-example cosine DSA loss [B] from the second moments of the normalized rows (K ≫ d).
+
+    With ``q = p·v`` and unit-norm rows ``t_i``, ``s_i`` (zero for invalid units), the sum over all
+    ordered pairs is ``Σ_ij q_i q_j (t_i·t_j − s_i·s_j)² = ‖M_T‖² − 2‖C‖² + ‖M_S‖²`` with
+    ``M_T = Σ_i q_i t_i t_iᵀ`` [d_T, d_T], ``M_S`` likewise [d_S, d_S] and ``C = Σ_i q_i t_i s_iᵀ``
+    [d_T, d_S]; the diagonal ``Σ_i q_i² (‖t_i‖² − ‖s_i‖²)²`` (zero but for zero rows) is taken
+    off. Backward, per valid row, minus the same diagonal terms:
+    ``g_t = 4 q (M_T t − C s)``, ``g_s = −4 q (Cᵀ t − M_S s)``,
+    ``g_p = 2 (tᵀM_T t − 2 tᵀC s + sᵀM_S s)``.
+
+    The loss is a difference of terms of the order of ``(Σ q)²``, so the moments and the
+    products run in float64: the cancellation then costs ≈ 1e-16·(Σ q)²/L relative, far below
+    fp32 rounding even for nearly equal geometries. Memory: O(B·K·d + B·d²).
+    """
+
+    @staticmethod
+    def forward(
+        ctx, student_units: Tensor, teacher_units: Tensor, span_weights: Tensor, span_mask: Tensor
+    ) -> Tensor:
+        student_units, teacher_units = contiguous(student_units), contiguous(teacher_units)
+        valid = contiguous(span_mask)
+        student_rows, student_inv_norm = row_normalize(student_units)
+        teacher_rows, teacher_inv_norm = row_normalize(teacher_units)
+        keep = valid.unsqueeze(-1)
+        # masked rows are never read: whatever an invalid unit holds (NaN included) is dropped
+        s = torch.where(keep, student_rows.double(), 0.0)
+        t = torch.where(keep, teacher_rows.double(), 0.0)
+        q = torch.where(valid, span_weights.double(), 0.0)
+        m_t = t.mT @ (q.unsqueeze(-1) * t)
+        m_s = s.mT @ (q.unsqueeze(-1) * s)
+        cross = t.mT @ (q.unsqueeze(-1) * s)
+        diagonal = t.square().sum(-1) - s.square().sum(-1)  # E_ii
+        loss = (
+            m_t.square().sum((1, 2))
+            - 2.0 * cross.square().sum((1, 2))
+            + m_s.square().sum((1, 2))
+            - (q * diagonal).square().sum(-1)
+        )
+        ctx.weights_dtype = span_weights.dtype
+        inputs = (student_units, teacher_units, student_inv_norm, teacher_inv_norm, valid)
+        ctx.save_for_backward(*inputs, s, t, q, m_t, m_s, cross, diagonal)
+        return loss.float()
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        units_s, units_t, inv_norm_s, inv_norm_t, valid, *moments = ctx.saved_tensors
+        s, t, q, m_t, m_s, cross, diagonal = moments
+        need_student, need_teacher, need_weights = ctx.needs_input_grad[:3]
+        scale = grad_loss.double().unsqueeze(-1)  # [B, 1]
+        t_m_t = t @ m_t if need_teacher or need_weights else None  # rows M_T t_i
+        t_c = t @ cross if need_student or need_weights else None  # rows Cᵀ t_i
+        s_m_s = s @ m_s if need_student or need_weights else None  # rows M_S s_i
+        grads: list[Tensor | None] = [None, None, None]
+        own = (q * diagonal).unsqueeze(-1)  # the diagonal term of each row's sum
+        coef = (4.0 * scale * q).unsqueeze(-1)
+        if need_student:
+            grad_rows = -coef * (t_c - s_m_s - own * s)
+            grads[0] = row_normalize_backward(units_s, inv_norm_s, grad_rows.float(), valid)
+        if need_teacher:
+            grad_rows = coef * (t_m_t - s @ cross.mT - own * t)
+            grads[1] = row_normalize_backward(units_t, inv_norm_t, grad_rows.float(), valid)
+        if need_weights:
+            row_sums = (
+                (t_m_t * t).sum(-1)
+                - 2.0 * (t_c * s).sum(-1)
+                + (s_m_s * s).sum(-1)
+                - q * diagonal.square()
+            )
+            grad_p = torch.where(valid, 2.0 * scale * row_sums, 0.0)
+            grads[2] = grad_p.to(ctx.weights_dtype)
+        return (*grads, None)
+
+
 def structural_loss(
     student_units: Tensor,
     teacher_units: Tensor,
@@ -824,7 +925,13 @@ def structural_loss(
     check_structural_loss_args(
         student_units, teacher_units, span_weights, span_mask, metric, reduction
     )
-    per_example = StructuralLossFunction.apply(
-        student_units, teacher_units, span_weights, span_mask, metric
-    )
+    num_units, width_student = student_units.shape[1:]
+    if structural_design(metric, num_units, width_student, teacher_units.shape[2]) == "moments":
+        per_example = MomentsStructuralLossFunction.apply(
+            student_units, teacher_units, span_weights, span_mask
+        )
+    else:
+        per_example = StructuralLossFunction.apply(
+            student_units, teacher_units, span_weights, span_mask, metric
+        )
     return reference.reduce_loss(per_example, reduction)

@@ -20,6 +20,7 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from mta_kernels._switches import SWITCHES  # noqa: E402  (after TRITON_INTERPRET)
+from mta_kernels.structural_loss import STRUCTURAL_DESIGNS  # noqa: E402
 
 SWITCHES.poison_outputs = True  # an output element a kernel forgets to write fails a comparison
 
@@ -48,11 +49,12 @@ def device() -> str:
     return FUSED_DEVICE
 
 
-@pytest.fixture(params=["saved", "recompute"])
-def backward_path(request, monkeypatch) -> str:
-    """Both designs of the structural loss's backward on the same inputs: from the K×K error
-    matrix the forward saved, and recomputing the Gram tiles (what large K uses)."""
-    monkeypatch.setattr(SWITCHES, "structural_backward", request.param)
+@pytest.fixture(params=STRUCTURAL_DESIGNS)
+def structural_design(request, monkeypatch) -> str:
+    """Every design of the structural loss on the same inputs: tiles with the K×K error matrix
+    saved for the backward, tiles recomputed in the backward (K of the order of d), and the d×d
+    moments (K ≫ d; the euclidean metric recomputes instead)."""
+    monkeypatch.setattr(SWITCHES, "structural_design", request.param)
     return request.param
 
 

@@ -158,6 +158,47 @@ def test_backward_reaches_student_and_projectors_not_teacher(cross: bool) -> Non
 
 @pytest.mark.usefixtures("reference_ops")
 @pytest.mark.parametrize("cross", [False, True], ids=["shared", "cross_tokenizer"])
+def test_bf16_projection(cross: bool) -> None:
+    """``projection_dtype=torch.bfloat16``: the HRA terms equal the hand composition with the
+    projection on bf16 operands and a bf16 output (rtol 1e-5: the same rounded values), the
+    projectors stay float32 parameters with float32 gradients, and DSA is unchanged."""
+    torch.manual_seed(4)
+    exact = MTALoss(D_S, D_T, PAIRS)
+    module = MTALoss(D_S, D_T, PAIRS, projection_dtype=torch.bfloat16)
+    module.load_state_dict(exact.state_dict())
+    student, teacher = _states(cross, seed=4)
+    batch = _batch(cross)
+    out, full = module(student, teacher, batch), exact(student, teacher, batch)
+    student_mask = batch["attention_mask"]
+    for pair in module.layer_pairs:
+        g, key = pair.granularity, pair.name
+        s_spans, t_spans, valid = (
+            batch[f"{g}_{k}"] for k in ("student_spans", "teacher_spans", "span_mask")
+        )
+        h_s, h_t = student[pair.student_layer], teacher[pair.teacher_layer].detach()
+        w = R.token_importance(h_t, batch["teacher_attention_mask"] if cross else student_mask)
+        weight = module.projectors[str(pair.student_layer)].weight.bfloat16()
+        if cross:
+            u_s = R.span_pool(h_s, s_spans, valid, None)
+            u_t = R.span_pool(h_t, t_spans, valid, w)
+            p = R.span_weights(w, t_spans, valid)
+            want = R.hidden_alignment_loss(u_s.bfloat16() @ weight.T, u_t, p, valid)
+        else:
+            covered = R.span_membership(s_spans, valid, T).any(dim=1) & student_mask.bool()
+            want = R.hidden_alignment_loss(h_s.bfloat16() @ weight.T, h_t, w, covered)
+        torch.testing.assert_close(out.components[f"hra/{key}"], want.detach(), rtol=1e-5, atol=0)
+        assert out.components[f"hra/{key}"] != full.components[f"hra/{key}"]
+        torch.testing.assert_close(out.components[f"dsa/{key}"], full.components[f"dsa/{key}"])
+    torch.testing.assert_close(out.loss, full.loss, rtol=1e-2, atol=0)
+    out.loss.backward()
+    for projector in module.projectors.values():
+        assert projector.weight.dtype == projector.weight.grad.dtype == torch.float32
+    with pytest.raises(ValueError, match=r"projection_dtype must be torch\.float32 or"):
+        MTALoss(D_S, D_T, PAIRS, projection_dtype=torch.float16)
+
+
+@pytest.mark.usefixtures("reference_ops")
+@pytest.mark.parametrize("cross", [False, True], ids=["shared", "cross_tokenizer"])
 @pytest.mark.parametrize(("use_dsa", "use_hra"), [(True, False), (False, True)])
 def test_ablations(cross: bool, use_dsa: bool, use_hra: bool) -> None:
     student, teacher = _states(cross, seed=3)

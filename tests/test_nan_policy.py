@@ -112,19 +112,19 @@ def pairwise_case(op, metric: str) -> Case:
     )
 
 
-def structural_case(op, metric: str, backward: str = "auto") -> Case:
-    """``backward``: the design of the structural backward (SWITCHES.structural_backward), chosen
-    when the forward runs."""
+def structural_case(op, metric: str, design: str = "auto") -> Case:
+    """``design``: the design of the structural loss (SWITCHES.structural_design), chosen when
+    the forward runs."""
     invalid = ~SPAN_MASK
     depends = torch.tensor([True, False])
 
     def run(s: Tensor, t: Tensor, p: Tensor) -> Tensor:
-        saved = SWITCHES.structural_backward
-        SWITCHES.structural_backward = backward
+        saved = SWITCHES.structural_design
+        SWITCHES.structural_design = design
         try:
             return op.structural_loss(s, t, p, SPAN_MASK, metric, "none")
         finally:
-            SWITCHES.structural_backward = saved
+            SWITCHES.structural_design = saved
 
     return Case(
         run=run,
@@ -160,6 +160,7 @@ CASES = {
     "structural_euclidean": lambda op: structural_case(op, "euclidean"),
     "structural_cosine_recompute": lambda op: structural_case(op, "cosine", "recompute"),
     "structural_euclidean_recompute": lambda op: structural_case(op, "euclidean", "recompute"),
+    "structural_cosine_moments": lambda op: structural_case(op, "cosine", "moments"),
     "hidden_alignment": hidden_alignment_case,
 }
 

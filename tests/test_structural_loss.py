@@ -7,7 +7,7 @@ from helpers import FUSED_DTYPES, check_against_reference, rel_error
 import mta_kernels as mk
 from mta_kernels import reference as ref
 from mta_kernels._switches import SWITCHES
-from mta_kernels.structural_loss import saves_errors
+from mta_kernels.structural_loss import structural_design
 
 SHAPES = [(3, 37, 19, 26), (2, 2, 3, 5), (1, 45, 70, 20)]  # (B, K, d_S, d_T)
 
@@ -30,7 +30,7 @@ def make_inputs(batch: int, num_units: int, width_s: int, width_t: int):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", FUSED_DTYPES)
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
-@pytest.mark.usefixtures("backward_path")
+@pytest.mark.usefixtures("structural_design")
 def test_matches_reference(shape, dtype, metric, device, seed):
     student, teacher, weights, mask = make_inputs(*shape)
     check_against_reference(
@@ -46,7 +46,7 @@ def test_matches_reference(shape, dtype, metric, device, seed):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
-@pytest.mark.usefixtures("backward_path")
+@pytest.mark.usefixtures("structural_design")
 def test_student_only_grad_and_reductions(reduction, metric, device, seed):
     # The usual call: only the student requires grad; the teacher side gets nothing.
     student, teacher, weights, mask = make_inputs(2, 19, 12, 24)
@@ -87,7 +87,7 @@ def test_bf16_cuda_paper_shape(metric, seed):
 
 
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
-@pytest.mark.usefixtures("backward_path")
+@pytest.mark.usefixtures("structural_design")
 def test_nearly_equal_geometry(metric, device, seed):
     """Teacher = student + 1e-2 noise, the regime late in training: the loss only sees the
     differences D_S − D_T ≈ 1e-2 of distances ≈ 1, so a relative rounding ε of the distances is
@@ -112,7 +112,7 @@ def test_nearly_equal_geometry(metric, device, seed):
 
 @pytest.mark.parametrize("grad_args", [(2,), (1,), (1, 2)], ids=["p", "teacher", "teacher_p"])
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
-@pytest.mark.usefixtures("backward_path")
+@pytest.mark.usefixtures("structural_design")
 def test_other_gradient_subsets(grad_args, metric, device, seed):
     """Gradients of ``p`` alone, of the teacher alone, and of both."""
     student, teacher, weights, mask = make_inputs(3, 37, 19, 26)
@@ -127,11 +127,15 @@ def test_other_gradient_subsets(grad_args, metric, device, seed):
     )
 
 
-def test_backward_design_is_chosen_by_shape():
+def test_design_is_chosen_by_shape():
     """The error matrix is saved while it is no larger than the inputs (cosine: K ≤ d_S + d_T;
-    euclidean saves three K×K matrices: 3K ≤ d_S + d_T)."""
-    assert SWITCHES.structural_backward == "auto"
-    assert saves_errors("cosine", 300, 768, 1600)
-    assert not saves_errors("cosine", 2400, 768, 1600)
-    assert saves_errors("euclidean", 300, 768, 1600)
-    assert not saves_errors("euclidean", 800, 768, 1600)
+    euclidean saves three K×K matrices: 3K ≤ d_S + d_T); the cosine moments form takes over when
+    K·(d_S + d_T) > 2·(d_S² + d_S·d_T + d_T²) (K > 3700 at the paper's widths)."""
+    assert SWITCHES.structural_design == "auto"
+    assert structural_design("cosine", 300, 768, 1600) == "saved"
+    assert structural_design("cosine", 2400, 768, 1600) == "recompute"
+    assert structural_design("cosine", 3800, 768, 1600) == "moments"
+    assert structural_design("euclidean", 300, 768, 1600) == "saved"
+    assert structural_design("euclidean", 800, 768, 1600) == "recompute"
+    assert structural_design("euclidean", 30000, 768, 1600) == "recompute"
+    assert structural_design("cosine", 40, 8, 8) == "moments"

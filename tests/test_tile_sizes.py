@@ -74,7 +74,7 @@ def test_pairwise_distance(metric, device, seed):
 
 
 @pytest.mark.parametrize("metric", ["cosine", "euclidean"])
-@pytest.mark.usefixtures("backward_path")
+@pytest.mark.usefixtures("structural_design")
 def test_structural_loss(metric, device, seed):
     student, teacher = torch.randn(2, 140, 70), torch.randn(2, 140, 90)
     weights = torch.rand(2, 140)
