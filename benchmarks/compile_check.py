@@ -167,9 +167,11 @@ def workloads() -> dict[str, Callable[[], None]]:
     with every input needing grad (the variants a direct caller can reach)."""
     gen = torch.Generator().manual_seed(0)
 
-    def mta_step(dtype: torch.dtype, metric: str, cross: bool) -> Callable[[], None]:
+    def mta_step(
+        dtype: torch.dtype, metric: str, cross: bool, variant: str = "paper"
+    ) -> Callable[[], None]:
         def run() -> None:
-            module = MTALoss(WIDTH_S, WIDTH_T, PAIRS, metric=metric)
+            module = MTALoss(WIDTH_S, WIDTH_T, PAIRS, metric=metric, variant=variant)
             student = {
                 p.student_layer: torch.randn(BATCH, TOKENS, WIDTH_S, dtype=dtype).requires_grad_()
                 for p in PAIRS
@@ -221,6 +223,9 @@ def workloads() -> dict[str, Callable[[], None]]:
         out[f"MTA step {name} cosine"] = mta_step(dtype, "cosine", cross=False)
         out[f"MTA step {name} euclidean"] = mta_step(dtype, "euclidean", cross=False)
         out[f"MTA step {name} cross-tokenizer"] = mta_step(dtype, "cosine", cross=True)
+        out[f"MTA step {name} authors_code"] = mta_step(
+            dtype, "cosine", cross=False, variant="authors_code"
+        )
         out[f"public ops {name}"] = lambda dtype=dtype: ops(dtype)
         out[f"structural loss of many units {name}"] = lambda dtype=dtype: many_units(dtype)
     return out

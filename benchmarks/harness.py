@@ -309,10 +309,11 @@ def model_main(
     compute: Callable[[], Sequence[Mapping[str, object]]],
     columns: Sequence[str],
     markdown: Callable[[Path], str],
-    show: Callable[[Sequence[Mapping[str, object]]], None],
+    render: Callable[[Sequence[Mapping[str, object]]], str],
 ) -> int:
     """The command line of a model computed on any machine (``--out CSV`` writes its rows,
-    ``--markdown CSV`` prints the README table of a committed CSV, otherwise ``show`` prints)."""
+    ``--markdown CSV`` prints the README table of a committed CSV); the rows computed are printed
+    as ``render`` makes them."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", type=Path, default=None, help="write the CSV here")
     parser.add_argument("--markdown", type=Path, metavar="CSV", help="print the table of a CSV")
@@ -323,7 +324,7 @@ def model_main(
     table = compute()
     if args.out is not None:
         write_rows(args.out, table, columns)
-    show(table)
+    print(render(table))
     return 0
 
 

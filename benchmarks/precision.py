@@ -198,14 +198,7 @@ def markdown_table(path: Path) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return harness.model_main(
-        argv,
-        __doc__.splitlines()[0],
-        rows,
-        COLUMNS,
-        markdown_table,
-        lambda table: print(_table(table)),
-    )
+    return harness.model_main(argv, __doc__.splitlines()[0], rows, COLUMNS, markdown_table, _table)
 
 
 if __name__ == "__main__":

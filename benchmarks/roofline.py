@@ -290,16 +290,16 @@ def markdown_table(path: Path) -> str:
     return "\n".join(lines)
 
 
-def _show(table: Sequence[dict[str, object]]) -> None:
-    for r in table:
-        print(
-            f"{r['part']:<58} {r['mma']:>6}  {r['design_gflop']:>9} / {r['floor_gflop']:>9} GFLOP"
-            f"  {r['design_mb']:>9} / {r['floor_mb']:>9} MB"
-        )
+def _render(table: Sequence[dict[str, object]]) -> str:
+    return "\n".join(
+        f"{r['part']:<58} {r['mma']:>6}  {r['design_gflop']:>9} / {r['floor_gflop']:>9} GFLOP"
+        f"  {r['design_mb']:>9} / {r['floor_mb']:>9} MB"
+        for r in table
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return harness.model_main(argv, __doc__.splitlines()[0], rows, COLUMNS, markdown_table, _show)
+    return harness.model_main(argv, __doc__.splitlines()[0], rows, COLUMNS, markdown_table, _render)
 
 
 if __name__ == "__main__":

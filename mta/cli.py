@@ -115,6 +115,12 @@ def _build(checked: CheckedRun) -> MTATrainer:
     student_tokenizer = load(AutoTokenizer, checked.student_tokenizer)
     teacher_tokenizer = load(AutoTokenizer, checked.teacher_tokenizer)
     cross = not same_tokenizer(student_tokenizer, teacher_tokenizer)
+    if cross and checked.use_mta and config.mta.variant == "authors_code":
+        raise UserError(
+            "mta.variant=authors_code needs one tokenizer for both models (the released code has "
+            "no cross-tokenizer path), but the teacher's and the student's tokenizers differ: "
+            "set mta.variant=paper or give both models the same tokenizer"
+        )
     if cross and args.base_loss != "ce":
         raise UserError(
             f"training.base_loss={args.base_loss} compares the two models' logits, but the "
@@ -132,6 +138,7 @@ def _build(checked: CheckedRun) -> MTATrainer:
                     d.spacy_model,
                     write_cache=args.process_index == 0,
                     progress=args.process_index == 0,
+                    rules=config.mta.variant,
                 )
                 if checked.use_mta
                 else None
@@ -142,6 +149,7 @@ def _build(checked: CheckedRun) -> MTATrainer:
                 d.max_length,
                 teacher_tokenizer=teacher_tokenizer if cross else None,
                 units=units,
+                membership="overlap" if config.mta.variant == "paper" else "authors_code",
             )
         except (ImportError, TypeError, ValueError) as err:
             raise UserError(f"{key} {path!r}: {err}") from None
@@ -173,6 +181,7 @@ def _build(checked: CheckedRun) -> MTATrainer:
             lambda_hra=config.mta.lambda_hra,
             metric=config.mta.metric,
             projection_dtype=_dtype(config.mta.projection_dtype),
+            variant=config.mta.variant,
             use_dsa=config.mta.lambda_dsa > 0,
             use_hra=config.mta.lambda_hra > 0,
         )

@@ -142,6 +142,9 @@ class MTAConfig:
     lambda_dsa: float = 2.0
     lambda_hra: float = 0.2
     metric: Literal["cosine", "euclidean"] = "cosine"
+    variant: Literal["paper", "authors_code"] = "paper"
+    """The paper's equations and unit rules, or the authors' released code for both (the loss,
+    the unit rules, the token membership rule): docs/design.md §8."""
     projection_dtype: Literal["float32", "bfloat16"] = "float32"
     """Operands of the HRA projection (``MTALoss(projection_dtype=...)``)."""
     num_key_layers: int = 3

@@ -258,6 +258,8 @@ class DistillationDataset(Dataset):
         teacher_tokenizer: the teacher's fast tokenizer when it differs from the student's.
         units: one :class:`~mta.spans.TextUnits` per example (character spans of ``text``), or
             None to train without MTA (no unit keys in the batches).
+        membership: how tokens belong to units (:func:`mta.spans.to_token_spans`):
+            ``"overlap"`` or the authors' released ``"authors_code"`` rule.
         add_eos: append EOS after the response (default: for examples that have a prompt).
 
     Each item is a dict of lists / int64 arrays: ``input_ids``, ``labels``, optionally
@@ -272,6 +274,7 @@ class DistillationDataset(Dataset):
         teacher_tokenizer: Any = None,
         units: Sequence[TextUnits] | None = None,
         add_eos: bool | None = None,
+        membership: str = "overlap",
     ) -> None:
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
@@ -306,6 +309,7 @@ class DistillationDataset(Dataset):
                         teacher_offsets,
                         student_truncated=truncated,
                         teacher_truncated=teacher_truncated,
+                        membership=membership,
                     )
                 )
             self.items.append(item)
@@ -397,6 +401,7 @@ def load_units(
     nlp: Any = None,
     write_cache: bool = True,
     progress: bool = False,
+    rules: str = "paper",
 ) -> list[TextUnits]:
     """Units of each example's content regions, from the cache file ``cache`` (texts missing
     from it are parsed with spaCy and appended when ``write_cache``, with the parsing progress
@@ -407,12 +412,18 @@ def load_units(
             message says how to build the cache or install spaCy.
     """
     texts = [e.text for e in examples]
-    regions = [e.regions for e in examples]
+    # the paper's rules parse each content field on its own; the released rules, like the
+    # authors' code, parse the whole text, template included
+    regions = [e.regions for e in examples] if rules == "paper" else None
     try:
         if cache is None:
-            return extract_units(texts, nlp, regions=regions)
+            return extract_units(texts, nlp, regions=regions, rules=rules)
         store = UnitCache(
-            cache, nlp, write=write_cache, progress="parsing units" if progress else None
+            cache,
+            nlp,
+            write=write_cache,
+            progress="parsing units" if progress else None,
+            rules=rules,
         )
         return store.units(texts, regions)
     except ImportError as err:

@@ -36,9 +36,14 @@ from torch import Tensor, nn
 
 import mta_kernels as mk
 from mta.layers import GRANULARITIES, LayerPair, LayerPairLike, parse_layer_pairs
-from mta.unit_plan import PLAN_KEY, UnitPlan
+from mta.unit_plan import PLAN_KEY, GranularityUnits, UnitPlan
 
-__all__ = ["PROJECTION_DTYPES", "MTALoss", "MTALossOutput"]
+__all__ = ["PROJECTION_DTYPES", "VARIANTS", "MTALoss", "MTALossOutput"]
+
+#: ``"paper"``: the equations as published; ``"authors_code"``: what the authors' released code
+#: computes (docs/design.md §8).
+VARIANTS = ("paper", "authors_code")
+
 
 #: The operand dtypes of the HRA projection (``MTALoss(projection_dtype=...)``).
 PROJECTION_DTYPES = (torch.float32, torch.bfloat16)
@@ -50,7 +55,8 @@ HiddenStates = Sequence[Tensor] | Mapping[int, Tensor]
 class MTALossOutput:
     """``loss``: float32 scalar with grad; ``components``: detached float32 scalars for logging —
     ``dsa/<s>-<t>``, ``hra/<s>-<t>`` per layer pair, ``dsa`` (mean over pairs), ``hra`` (sum over
-    pairs) for the enabled terms, and ``mta`` (the weighted total, ``loss`` detached)."""
+    pairs; the mean with ``variant="authors_code"``) for the enabled terms, and ``mta`` (the
+    weighted total, ``loss`` detached)."""
 
     loss: Tensor
     components: dict[str, Tensor]
@@ -133,8 +139,16 @@ class MTALoss(nn.Module):
         use_dsa: bool = True,
         use_hra: bool = True,
         projection_dtype: torch.dtype = torch.float32,
+        variant: str = "paper",
     ) -> None:
         super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        if variant == "authors_code" and metric != "cosine":
+            raise ValueError(
+                f"variant='authors_code' uses the cosine metric (the released code has no other), "
+                f"got metric={metric!r}"
+            )
         for name, size in (
             ("student_hidden_size", student_hidden_size),
             ("teacher_hidden_size", teacher_hidden_size),
@@ -160,11 +174,15 @@ class MTALoss(nn.Module):
         self.use_dsa = use_dsa
         self.use_hra = use_hra
         self.projection_dtype = projection_dtype
+        self.variant = variant
         self.projectors = nn.ModuleDict()
         if use_hra:
             for pair in self.layer_pairs:
-                projector = nn.Linear(student_hidden_size, teacher_hidden_size, bias=False)
-                nn.init.orthogonal_(projector.weight)
+                # the release: Linear with a bias and PyTorch's default init
+                released = variant == "authors_code"
+                projector = nn.Linear(student_hidden_size, teacher_hidden_size, bias=released)
+                if not released:
+                    nn.init.orthogonal_(projector.weight)
                 self.projectors[str(pair.student_layer)] = projector
         self.terms = [("dsa", p) for p in self.layer_pairs if use_dsa] + [
             ("hra", p) for p in self.layer_pairs if use_hra
@@ -188,9 +206,12 @@ class MTALoss(nn.Module):
 
     def _combine_matrix(self) -> Tensor:
         n_dsa = sum(term == "dsa" for term, _ in self.terms)
+        n_hra = sum(term == "hra" for term, _ in self.terms)
+        # L_HRA: the sum over pairs in the paper, the mean in the released code
+        hra_share = 1.0 / n_hra if self.variant == "authors_code" else 1.0
         combine = torch.zeros(3, len(self.terms))
         for column, (term, _) in enumerate(self.terms):
-            share = 1.0 / n_dsa if term == "dsa" else 1.0
+            share = 1.0 / n_dsa if term == "dsa" else hra_share
             weight = self.lambda_dsa if term == "dsa" else self.lambda_hra
             combine[0, column] = weight * share
             combine[1 if term == "dsa" else 2, column] = share
@@ -223,7 +244,7 @@ class MTALoss(nn.Module):
         return (
             f"pairs=[{pairs}], lambda_dsa={self.lambda_dsa}, lambda_hra={self.lambda_hra}, "
             f"metric={self.metric!r}, use_dsa={self.use_dsa}, use_hra={self.use_hra}, "
-            f"projection_dtype={self.projection_dtype}"
+            f"projection_dtype={self.projection_dtype}, variant={self.variant!r}"
         )
 
     def _project(self, student_layer: int, x: Tensor) -> Tensor:
@@ -286,10 +307,18 @@ class MTALoss(nn.Module):
         plan: UnitPlan,
     ) -> MTALossOutput:
         cross = plan.cross_tokenizer
+        if cross and self.variant == "authors_code":
+            raise ValueError(
+                "variant='authors_code' needs one tokenizer for both models (the released code "
+                "has no cross-tokenizer path); this batch carries teacher_attention_mask"
+            )
         teacher_mask = plan.teacher_attention_mask if cross else plan.attention_mask
         student_shape = (*plan.attention_mask.shape, self.student_hidden_size)
         teacher_shape = (*teacher_mask.shape, self.teacher_hidden_size)
         units = {g: plan[g] for g in self.granularities}
+        authors = self.variant == "authors_code"
+        # the released code: std + 1e-5, every row (padding included) a query
+        importance_options = {"std_eps": 1e-5, "padding_rows": True} if authors else {}
 
         teacher_layers = list(dict.fromkeys(p.teacher_layer for p in self.layer_pairs))
         teacher = {
@@ -298,44 +327,62 @@ class MTALoss(nn.Module):
             ).detach()
             for layer in teacher_layers
         }
-        # every distinct teacher layer's token importance in one set of launches
-        importance = dict(
-            zip(
-                teacher_layers,
-                mk.token_importance_layers([teacher[t] for t in teacher_layers], teacher_mask),
-                strict=True,
-            )
-        )
-        per_example: dict[tuple[str, LayerPair], Tensor] = {}  # [B] losses of each term
-        for pair in self.layer_pairs:
-            h_s = _hidden(
+        student = {
+            pair.student_layer: _hidden(
                 student_hidden_states, pair.student_layer, "student_hidden_states", student_shape
             )
-            h_t = teacher[pair.teacher_layer]
-            w = importance[pair.teacher_layer]
+            for pair in self.layer_pairs
+        }
+
+        def importance(states: dict[int, Tensor], mask: Tensor) -> dict[int, Tensor]:
+            # every distinct layer's token importance in one set of launches
+            weights = mk.token_importance_layers(list(states.values()), mask, **importance_options)
+            return dict(zip(states, weights, strict=True))
+
+        teacher_weights = importance(teacher, teacher_mask)
+        # the released code pools the student's units with the student's own weights
+        student_weights = importance(student, plan.attention_mask) if authors else None
+
+        numerators: dict[tuple[str, LayerPair], Tensor] = {}  # [B] per-example sums
+        denominators: dict[tuple[str, LayerPair], Tensor] = {}  # [B], authors_code only
+        for pair in self.layer_pairs:
+            h_s, h_t = student[pair.student_layer], teacher[pair.teacher_layer]
+            w = teacher_weights[pair.teacher_layer]
             unit = units[pair.granularity]
+            if authors:
+                self._authors_pair(
+                    pair, h_s, h_t, w, student_weights[pair.student_layer], unit,
+                    numerators, denominators,
+                )  # fmt: skip
+                continue
             if self.use_dsa or cross:
                 u_t = mk.span_pool(h_t, unit.teacher, token_weights=w)
                 u_s = mk.span_pool(h_s, unit.student, token_weights=None if cross else w)
                 p = mk.span_weights(w, unit.teacher)
             if self.use_dsa:
-                per_example["dsa", pair] = mk.structural_loss(
+                numerators["dsa", pair] = mk.structural_loss(
                     u_s, u_t, p, unit.mask, metric=self.metric, reduction="none"
                 )
             if self.use_hra and cross:
                 projected = self._project(pair.student_layer, u_s)
-                per_example["hra", pair] = mk.hidden_alignment_loss(
+                numerators["hra", pair] = mk.hidden_alignment_loss(
                     projected, u_t, p, unit.mask, reduction="none"
                 )
             elif self.use_hra:
                 projected = self._project(pair.student_layer, h_s)
-                per_example["hra", pair] = mk.hidden_alignment_loss(
+                numerators["hra", pair] = mk.hidden_alignment_loss(
                     projected, h_t, w, unit.coverage, reduction="none"
                 )
 
-        # A few launches for every term at once: the batch means of the terms, the loss as one
-        # dot product, and the two totals (logged only) as one more product.
-        per_term = torch.stack([per_example[t] for t in self.terms]).mean(dim=1)
+        # A few launches for every term at once: the value of each term (the batch mean of its
+        # per-example losses; with authors_code, batch totals over batch totals), the loss as
+        # one dot product, and the two totals (logged only) as one more product.
+        per_term = torch.stack([numerators[t] for t in self.terms])
+        if authors:
+            totals = torch.stack([denominators[t] for t in self.terms]).sum(dim=1)
+            per_term = per_term.sum(dim=1) / _release_floor(totals)
+        else:
+            per_term = per_term.mean(dim=1)
         # float32 (a no-op cast but for float64 reference runs)
         combine = self._float32_combine().to(per_term.dtype)
         loss = combine[0] @ per_term
@@ -354,6 +401,54 @@ class MTALoss(nn.Module):
                 components[name] = total.detach()
         components["mta"] = loss.detach()
         return MTALossOutput(loss=loss, components=components)
+
+    def _authors_pair(
+        self,
+        pair: LayerPair,
+        h_s: Tensor,
+        h_t: Tensor,
+        w_t: Tensor,
+        w_s: Tensor,
+        unit: GranularityUnits,
+        numerators: dict[tuple[str, LayerPair], Tensor],
+        denominators: dict[tuple[str, LayerPair], Tensor],
+    ) -> None:
+        """One layer pair as the authors' released code computes it (docs/design.md §8): per
+        example the numerator and the denominator whose batch totals make each term.
+
+        Memberships are (token, unit) pairs; ``k_t`` units hold token ``t`` (``unit.coverage``),
+        ``Z = Σ_t k_t w_t`` and the unit weights ``W_u = Σ_{t∈u} w_t / max(Z, 1e-5)``.
+        DSA: ``Σ_{u≠v} W_u W_v (C^S_uv − C^T_uv)²`` over ``(ΣW)² − ΣW²``; HRA:
+        ``Σ_t k_t w_t (1 − cos(W_l h^S_t + b_l, h^T_t)) / max(Z, 1e-5)`` over ``Z / max(Z, 1e-5)``.
+        Units are pooled with each model's own weights; scaling a unit does not change its
+        cosine Gram row, so the release's normalization of the pooling weights drops out.
+        """
+        counts = unit.coverage
+        member_weights = w_t * counts
+        total = member_weights.sum(dim=-1)  # Z [B]
+        floored = _release_floor(total)
+        if self.use_dsa:
+            u_t = mk.span_pool(h_t, unit.teacher, token_weights=w_t)
+            u_s = mk.span_pool(h_s, unit.student, token_weights=w_s)
+            # span_weights divides by max(Z, 1e-8); the release by max(Z, 1e-5)
+            p = mk.span_weights(w_t, unit.teacher) * (total.clamp_min(1e-8) / floored)[:, None]
+            numerators["dsa", pair] = mk.structural_loss(
+                u_s, u_t, p, unit.mask, metric="cosine", reduction="none"
+            )
+            denominators["dsa", pair] = p.sum(dim=-1).square() - p.square().sum(dim=-1)
+        if self.use_hra:
+            projected = self._project(pair.student_layer, h_s)
+            numerators["hra", pair] = mk.hidden_alignment_loss(
+                projected, h_t, member_weights / floored[:, None], counts, reduction="none"
+            )
+            denominators["hra", pair] = total / floored
+
+
+def _release_floor(total: Tensor) -> Tensor:
+    """The released code's floor on every normalizing total, ``max(total, 1e-5)``. A literal: a
+    float read from a global or an attribute would be a symbolic input of a compiled step (and
+    restart its tracing once specialized)."""
+    return total.clamp_min(1e-5)
 
 
 def _hidden_device(states: HiddenStates) -> torch.device:

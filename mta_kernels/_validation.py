@@ -111,7 +111,15 @@ def check_spans(spans: Tensor, span_mask: Tensor, batch: int, num_tokens: int) -
         raise ValueError(f"spans[{b}, {k}] = {spans[b, k].tolist()} has start > end")
 
 
-def check_token_importance_args(hidden: Tensor, attention_mask: Tensor) -> None:
+def check_token_importance_args(
+    hidden: Tensor, attention_mask: Tensor, std_eps: float | None = None
+) -> None:
+    """``std_eps``: ``None`` (the default ε) or a positive finite number."""
+    if std_eps is not None:
+        if isinstance(std_eps, bool) or not isinstance(std_eps, (int, float)) or not std_eps > 0:
+            raise ValueError(f"std_eps must be a positive number, got {std_eps!r}")
+        if std_eps == float("inf"):
+            raise ValueError(f"std_eps must be finite, got {std_eps!r}")
     check_float("hidden", hidden, 3)
     if hidden.shape[-1] < 2:
         raise ValueError(

@@ -71,29 +71,38 @@ def _zero_outside(x: Tensor, keep: Tensor) -> Tensor:
     return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def token_importance(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+def token_importance(
+    hidden: Tensor,
+    attention_mask: Tensor,
+    *,
+    std_eps: float | None = None,
+    padding_rows: bool = False,
+) -> Tensor:
     """Teacher token importance ``w`` (Eq. 5–7): [B, T] float32, no grad.
 
-    ``Ĥ = H / (std(H) + 1e-8)`` (Bessel-corrected, no centring), ``A = Ĥ Ĥᵀ / √d`` with the
-    diagonal and padding columns at −∞, row softmax ``α``; padding rows and rows without a valid
-    column contribute 0. ``w_t = (1/N) Σ_s α_{s,t}`` with ``N = Σ m`` and ``w_t = 0`` on padding.
+    ``Ĥ = H / (std(H) + ε)`` (Bessel-corrected, no centring; ``ε = std_eps``, 1e-8 if None),
+    ``A = Ĥ Ĥᵀ / √d`` with the diagonal and padding columns at −∞, row softmax ``α``; rows without
+    a valid column contribute 0, and so do padding rows unless ``padding_rows``.
+    ``w_t = (1/N) Σ_s α_{s,t}`` with ``N`` the number of query rows (``Σ m``, or ``T`` with
+    ``padding_rows``), ``w_t = 0`` on padding.
     """
-    check_token_importance_args(hidden, attention_mask)
+    check_token_importance_args(hidden, attention_mask, std_eps)
     dtype = _compute_dtype(hidden)
     with torch.no_grad():
         mask = attention_mask.bool()
-        h = _zero_outside(hidden.to(dtype), mask)
+        queries = torch.ones_like(mask) if padding_rows else mask
+        h = _zero_outside(hidden.to(dtype), queries)
         num_tokens, width = h.shape[1], h.shape[2]
-        h_hat = h / (h.std(dim=-1, keepdim=True) + STD_EPS)
+        h_hat = h / (h.std(dim=-1, keepdim=True) + (STD_EPS if std_eps is None else std_eps))
         scores = h_hat @ h_hat.transpose(1, 2) / math.sqrt(width)
         eye = torch.eye(num_tokens, dtype=torch.bool, device=h.device)
         keep = ~eye.unsqueeze(0) & mask.unsqueeze(1)
         scores = scores.masked_fill(~keep, float("-inf"))
-        # Padding rows and rows without a valid column contribute 0 (their softmax is undefined).
-        has_column = keep.any(dim=-1) & mask
+        # Rows that are no query, or have no valid column, contribute 0 (no softmax there).
+        has_column = keep.any(dim=-1) & queries
         alpha = _zero_outside(torch.softmax(scores, dim=-1), has_column)
-        n_valid = mask.sum(dim=-1, keepdim=True).to(dtype).clamp_min(1.0)
-        return _zero_outside(alpha.sum(dim=1) / n_valid, mask)
+        n_rows = queries.sum(dim=-1, keepdim=True).to(dtype).clamp_min(1.0)
+        return _zero_outside(alpha.sum(dim=1) / n_rows, mask)
 
 
 def span_pool(

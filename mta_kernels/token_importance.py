@@ -1,7 +1,8 @@
 """Teacher token importance (Eq. 5–7) without the T×T score matrix.
 
-``w_t = (1/N) Σ_s softmax_t(Ĥ_s·Ĥ_t / √d)`` over valid rows ``s`` and valid columns ``t ≠ s``, with
-``Ĥ = H / (std(H) + 1e-8)``. Three launches, all O(B·T·d) memory:
+``w_t = (1/N) Σ_s softmax_t(Ĥ_s·Ĥ_t / √d)`` over valid rows ``s`` (or all ``T`` rows: the
+``padding_rows`` option of the authors' released variant) and valid columns ``t ≠ s``, with
+``Ĥ = H / (std(H) + ε)``, ``ε = 1e-8`` by default. Three launches, all O(B·T·d) memory:
 
 1. ``_inv_std_kernel``: ``r_t = 1 / (std(H_t) + 1e-8)`` per token (two passes over ``d``).
 2. ``_row_stats_kernel``: flash-style online softmax over key tiles → per-row max ``m_s`` and sum
@@ -55,10 +56,20 @@ def _layer(h0_ptr, h1_ptr, h2_ptr, h3_ptr, layer):
 
 @triton.jit
 def _inv_std_kernel(
-    h0_ptr, h1_ptr, h2_ptr, h3_ptr, mask_ptr, inv_std_ptr, n_rows, D, eps, BLOCK_D: tl.constexpr
+    h0_ptr,
+    h1_ptr,
+    h2_ptr,
+    h3_ptr,
+    mask_ptr,
+    inv_std_ptr,
+    n_rows,
+    D,
+    eps,
+    ALL_ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """One program per (token, layer): ``1 / (std(H_t) + eps)`` (Bessel-corrected), 0 on
-    padding; ``inv_std`` is [L, B·T]."""
+    padding unless ``ALL_ROWS`` (padding rows are queries too); ``inv_std`` is [L, B·T]."""
     layer = tl.program_id(1)
     h_ptr = _layer(h0_ptr, h1_ptr, h2_ptr, h3_ptr, layer)
     row = tl.program_id(0).to(tl.int64)
@@ -74,8 +85,15 @@ def _inv_std_kernel(
         centred = tl.where(offs < D, x - mean, 0.0)
         sq += centred * centred
     std = tl.sqrt(tl.sum(sq, axis=0) / (D - 1))
-    valid = tl.load(mask_ptr + row) != 0
+    valid = (tl.load(mask_ptr + row) != 0) | ALL_ROWS
     tl.store(inv_std_ptr + layer * n_rows + row, tl.where(valid, 1.0 / (std + eps), 0.0))
+
+
+@triton.jit
+def _query_rows(mask_ptr, batch, offs_m, T, ALL_ROWS: tl.constexpr):
+    """The rows that count as queries: valid tokens, or every in-range row with ``ALL_ROWS``."""
+    valid = tl.load(mask_ptr + batch * T + offs_m, mask=offs_m < T, other=0) != 0
+    return (valid | ALL_ROWS) & (offs_m < T)
 
 
 @triton.jit
@@ -89,16 +107,18 @@ def _score_tile(
     T,
     D,
     scale,
+    ALL_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """Masked scores ``A[offs_m, offs_n]`` of one example: −∞ on the diagonal, padding columns and
-    out-of-range positions. Padding rows and columns are never loaded, so whatever a model leaves
-    in padding positions (even NaN) cannot leak into the valid scores."""
+    out-of-range positions. Padding columns are never loaded, nor padding rows unless
+    ``ALL_ROWS``, so whatever a model leaves in padding positions (even NaN) cannot leak into the
+    valid scores."""
     base = h_ptr + batch * T * D
-    row_valid = tl.load(mask_ptr + batch * T + offs_m, mask=offs_m < T, other=0) != 0
+    row_valid = _query_rows(mask_ptr, batch, offs_m, T, ALL_ROWS)
     col_valid = tl.load(mask_ptr + batch * T + offs_n, mask=offs_n < T, other=0) != 0
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -134,6 +154,7 @@ def _row_stats_kernel(
     T,
     D,
     scale,
+    ALL_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -164,6 +185,7 @@ def _row_stats_kernel(
             T,
             D,
             scale,
+            ALL_ROWS,
             BLOCK_M,
             BLOCK_N,
             BLOCK_D,
@@ -197,13 +219,15 @@ def _column_sum_kernel(
     D,
     scale,
     n_split,
+    ALL_ROWS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """``w_t = (1/N) Σ_s exp(A_st − m_s) / ℓ_s`` for a block of key columns, over the valid rows
-    ``s`` with a valid column (``ℓ_s ≠ 0``), zero on padding (grid axis 1: example + B·layer)."""
+    """``w_t = (1/N) Σ_s exp(A_st − m_s) / ℓ_s`` for a block of key columns, over the query rows
+    ``s`` (valid, or all with ``ALL_ROWS``) with a valid column (``ℓ_s ≠ 0``), ``N`` their count,
+    zero on padding (grid axis 1: example + B·layer)."""
     pid_n, batch, layer = tl.program_id(0), tl.program_id(1) % B, tl.program_id(1) // B
     h_ptr = _layer(h0_ptr, h1_ptr, h2_ptr, h3_ptr, layer)
     batch = batch.to(tl.int64)
@@ -233,7 +257,7 @@ def _column_sum_kernel(
                 tl.where(theirs, other_max - merged, 0.0)
             )
             row_max = merged
-        row_valid = tl.load(mask_ptr + batch * T + offs_m, mask=in_range, other=0) != 0
+        row_valid = _query_rows(mask_ptr, batch, offs_m, T, ALL_ROWS)
         n_valid += tl.where(row_valid, 1.0, 0.0)
         # A row has no valid column iff its sum is exactly 0; `!= 0` (not `> 0`) lets NaN through.
         has_mass = row_valid & (row_sum != 0)
@@ -248,6 +272,7 @@ def _column_sum_kernel(
             T,
             D,
             scale,
+            ALL_ROWS,
             BLOCK_M,
             BLOCK_N,
             BLOCK_D,
@@ -284,9 +309,12 @@ def _launch_meta(num_tokens: int, width: int, dtype: torch.dtype) -> dict[str, i
 
 @torch.library.custom_op("mta::token_importance", mutates_args=())
 @on_input_device
-def _token_importance_fused(hiddens: list[Tensor], attention_mask: Tensor) -> Tensor:
+def _token_importance_fused(
+    hiddens: list[Tensor], attention_mask: Tensor, std_eps: float | None, padding_rows: bool
+) -> Tensor:
     """Triton token importance of up to :data:`LAYERS_PER_LAUNCH` validated layers of one
-    shape: [L, B, T] float32."""
+    shape: [L, B, T] float32. ``std_eps=None`` is the default ε, resolved here: a float default
+    read by a compiled step would become a symbolic input (and restart its tracing)."""
     layers = len(hiddens)
     hiddens = [contiguous(h) for h in hiddens]
     batch, num_tokens, width = hiddens[0].shape
@@ -313,11 +341,22 @@ def _token_importance_fused(hiddens: list[Tensor], attention_mask: Tensor) -> Te
         inv_std,
         batch * num_tokens,
         width,
-        STD_EPS,
+        STD_EPS if std_eps is None else std_eps,
+        ALL_ROWS=padding_rows,
         BLOCK_D=block_size(width, 1024),
     )
     _row_stats_kernel[(row_blocks, batch * layers, n_split)](
-        *pointers, inv_std, mask, row_max, row_sum, batch, num_tokens, width, scale, **meta
+        *pointers,
+        inv_std,
+        mask,
+        row_max,
+        row_sum,
+        batch,
+        num_tokens,
+        width,
+        scale,
+        ALL_ROWS=padding_rows,
+        **meta,
     )
     _column_sum_kernel[(triton.cdiv(num_tokens, meta["BLOCK_N"]), batch * layers)](
         *pointers,
@@ -331,23 +370,33 @@ def _token_importance_fused(hiddens: list[Tensor], attention_mask: Tensor) -> Te
         width,
         scale,
         n_split,
+        ALL_ROWS=padding_rows,
         **meta,
     )
     return out
 
 
 @_token_importance_fused.register_fake
-def _(hiddens: list[Tensor], attention_mask: Tensor) -> Tensor:
+def _(
+    hiddens: list[Tensor], attention_mask: Tensor, std_eps: float | None, padding_rows: bool
+) -> Tensor:
     return hiddens[0].new_empty((len(hiddens), *hiddens[0].shape[:2]), dtype=torch.float32)
 
 
-def token_importance_layers(hiddens: Sequence[Tensor], attention_mask: Tensor) -> Tensor:
+def token_importance_layers(
+    hiddens: Sequence[Tensor],
+    attention_mask: Tensor,
+    *,
+    std_eps: float | None = None,
+    padding_rows: bool = False,
+) -> Tensor:
     """:func:`token_importance` of several layers of one model: [L, B, T] float32, no grad.
 
     Args:
         hiddens: L tensors [B, T, d], all of one shape and dtype (e.g. the teacher layers a layer
             plan aligns).
         attention_mask: [B, T] bool or integer, 1 for real tokens.
+        std_eps, padding_rows: as for :func:`token_importance`.
 
     The fused path handles :data:`LAYERS_PER_LAUNCH` layers per set of three launches.
     """
@@ -364,25 +413,46 @@ def token_importance_layers(hiddens: Sequence[Tensor], attention_mask: Tensor) -
                 f"{tuple(hidden.shape)} {hidden.dtype}"
             )
     if not use_triton(*hiddens):
-        return torch.stack([reference.token_importance(h, attention_mask) for h in hiddens])
+        return torch.stack(
+            [
+                reference.token_importance(
+                    h, attention_mask, std_eps=std_eps, padding_rows=padding_rows
+                )
+                for h in hiddens
+            ]
+        )
     for hidden in hiddens:
-        check_token_importance_args(hidden, attention_mask)
+        check_token_importance_args(hidden, attention_mask, std_eps)
     with torch.no_grad():
         groups = [
             _token_importance_fused(
-                [h.detach() for h in hiddens[i : i + LAYERS_PER_LAUNCH]], attention_mask
+                [h.detach() for h in hiddens[i : i + LAYERS_PER_LAUNCH]],
+                attention_mask,
+                std_eps,
+                bool(padding_rows),
             )
             for i in range(0, len(hiddens), LAYERS_PER_LAUNCH)
         ]
     return groups[0] if len(groups) == 1 else torch.cat(groups)
 
 
-def token_importance(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+def token_importance(
+    hidden: Tensor,
+    attention_mask: Tensor,
+    *,
+    std_eps: float | None = None,
+    padding_rows: bool = False,
+) -> Tensor:
     """Teacher token importance ``w`` (Eq. 5–7): [B, T] float32, no grad.
 
     Args:
         hidden: [B, T, d] fp32/bf16/fp16 hidden states of one teacher layer (any strides), d ≥ 2.
         attention_mask: [B, T] bool or integer, 1 for real tokens.
+        std_eps: the ``ε`` of ``H / (std(H) + ε)``; ``None``: 1e-8 (the paper's); the authors'
+            released code uses 1e-5.
+        padding_rows: padding rows count as queries too (their hidden states are then read), and
+            ``N`` is the padded length ``T`` — as the authors' released code averages. Columns
+            (keys) are always valid tokens only.
 
     Each example's weights sum to 1 over its valid tokens (when it has at least two) and are 0 on
     padding. The fused path never builds the T×T score matrix.
@@ -395,7 +465,11 @@ def token_importance(hidden: Tensor, attention_mask: Tensor) -> Tensor:
         (torch.Size([2, 5]), True)
     """
     if not use_triton(hidden):
-        return reference.token_importance(hidden, attention_mask)
-    check_token_importance_args(hidden, attention_mask)
+        return reference.token_importance(
+            hidden, attention_mask, std_eps=std_eps, padding_rows=padding_rows
+        )
+    check_token_importance_args(hidden, attention_mask, std_eps)
     with torch.no_grad():
-        return _token_importance_fused([hidden.detach()], attention_mask)[0]
+        return _token_importance_fused(
+            [hidden.detach()], attention_mask, std_eps, bool(padding_rows)
+        )[0]

@@ -66,6 +66,52 @@ def test_repository_configs_load():
         assert fused.training["fused_lm_head"] == expected
 
 
+RELEASED_RECIPES = sorted((CONFIGS / "authors_code").glob("*.yaml"))
+
+
+def test_released_recipes_are_the_authors_variant():
+    assert [p.name for p in RELEASED_RECIPES] == [
+        "gpt2-1.5B_to_gpt2_dolly.yaml",
+        "opt-6.7B_to_1.3B_dolly.yaml",
+        "qwen1.5-1.8B_to_0.5B_dolly.yaml",
+    ]
+    for path in RELEASED_RECIPES:
+        config = load_config(path)
+        assert config.mta.variant == "authors_code" and config.mta.metric == "cosine"
+        assert config.training["base_loss"] == "skew_rkl"
+        assert config.data.max_length == 256 and config.training["num_train_epochs"] == 5
+        # one word-level pair first, then the phrase-level ones (--split_layer_mapping 0 1 n n)
+        granularities = [g for _, _, g in config.mta.layer_pairs]
+        assert granularities == ["word"] + ["phrase"] * (len(granularities) - 1)
+        text = path.read_text()
+        assert "student generation" in text  # each says what is not runnable yet
+
+
+@pytest.mark.parametrize("recipe", RELEASED_RECIPES, ids=lambda p: p.stem)
+def test_released_recipes_run_at_tiny_size(recipe, tmp_path):
+    """Each released recipe, its models, sizes and schedule swapped for tiny ones, trains."""
+    pytest.importorskip("spacy")
+    records = [r for r in RECORDS if "instruction" in r]
+    overrides = write_tiny_run(tmp_path, records)
+    train = str(tmp_path / "train.jsonl")
+    tiny = [
+        f"data.eval_file={train}",
+        "model.teacher_dtype=float32",
+        "mta.layer_pairs=[[1, 2, word], [2, 4, phrase]]",
+        "training.max_steps=2",
+        "training.per_device_train_batch_size=2",
+        "training.per_device_eval_batch_size=2",
+        "training.gradient_accumulation_steps=1",
+        "training.bf16=false",
+        "training.use_cpu=true",
+        "training.eval_strategy=no",
+        "training.save_strategy=no",
+        "training.disable_tqdm=true",
+    ]
+    assert main(["--config", str(recipe), *overrides, *tiny]) == 0
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [

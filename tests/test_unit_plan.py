@@ -30,8 +30,8 @@ def _collated(cross: bool = False) -> dict:
 
 
 def test_coverage_matches_membership() -> None:
-    """Difference-array coverage equals the [B, K, T] membership definition (random spans,
-    invalid spans with garbage values, empty spans, padding)."""
+    """Difference-array coverage counts equal the [B, K, T] membership definition (random
+    overlapping spans, invalid spans with garbage values, empty spans, padding)."""
     gen = torch.Generator().manual_seed(4)
     batch, units, length = 3, 7, 13
     starts = torch.randint(0, length + 1, (batch, units), generator=gen)
@@ -42,8 +42,11 @@ def test_coverage_matches_membership() -> None:
     valid = torch.rand(batch, units, generator=gen) < 0.7
     spans[~valid] = torch.tensor([99, -5])  # never read
     attention = (torch.rand(batch, length, generator=gen) < 0.8).long()
-    expected = R.span_membership(spans, valid, length).any(dim=1) & attention.bool()
-    assert torch.equal(coverage(mk.span_index(spans, valid, length), attention), expected)
+    member = R.span_membership(spans, valid, length)
+    expected = member.sum(dim=1, dtype=torch.int32) * attention.to(torch.int32)
+    got = coverage(mk.span_index(spans, valid, length), attention)
+    assert got.dtype == torch.int32 and torch.equal(got, expected)
+    assert (expected > 1).any()  # tokens in several units are counted once per unit
 
 
 @pytest.mark.parametrize("cross", [False, True])
