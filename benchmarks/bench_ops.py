@@ -81,11 +81,11 @@ QUICK = Shape(B=2, T=32, K=units_for(32), d_student=16, d_teacher=24)
 
 @dataclass(frozen=True)
 class Units:
-    """One granularity's units: spans int64 [B, K, 2], mask bool [B, K], covered bool [B, T]."""
+    """One granularity's units: spans int64 [B, K, 2], mask bool [B, K], covered int32 [B, T]."""
 
     spans: Tensor
     mask: Tensor
-    covered: Tensor  # valid tokens inside at least one valid span (c_t of the HRA loss)
+    covered: Tensor  # how many valid spans hold each valid token (nonzero: c_t of HRA)
 
 
 @dataclass(frozen=True)

@@ -40,11 +40,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import itertools
 import os
-import platform
 import re
 import statistics
 import sys
@@ -180,16 +178,6 @@ def batch_offsets(tok: PreTrainedTokenizerFast, texts: Sequence[str]) -> torch.T
 
 
 # --------------------------------------------------------------------------- measurements
-
-
-def machine() -> str:
-    """Short host description: OS, architecture, CPU model (Linux), CPU count, Python version."""
-    cpu = platform.machine()
-    with contextlib.suppress(OSError):
-        models = re.findall(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        if models:
-            cpu += f" {models[0].strip()}"
-    return f"{platform.system()} {cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
 
 
 def _throughput(n: int, fn: Callable[[], object], repeats: int) -> tuple[float, str]:
@@ -408,7 +396,11 @@ def measure(
 
 def write_csv(path: Path, rows: Sequence[Mapping[str, object]]) -> None:
     """Write (overwrite) the results CSV, stamping every row with machine, commit and date."""
-    stamp = {"machine": machine(), "commit": harness.git_commit(), "date": harness.utc_now()}
+    stamp = {
+        "machine": harness.machine(),
+        "commit": harness.git_commit(),
+        "date": harness.utc_now(),
+    }
     path.unlink(missing_ok=True)
     harness.append_rows(
         path, [{**row, **stamp, "value": f"{row['value']:.6g}"} for row in rows], COLUMNS

@@ -14,11 +14,13 @@ other exception yields ``ERROR`` (the message goes to stderr). Rows are never dr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import gc
 import itertools
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -213,6 +215,16 @@ def prepare_device(name: str) -> torch.device:
     if device.type == "cpu":
         torch.set_num_threads(1)
     return device
+
+
+def machine() -> str:
+    """Short host description: OS, architecture, CPU model (Linux), CPU count, Python version."""
+    cpu = platform.machine()
+    with contextlib.suppress(OSError):
+        models = re.findall(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+        if models:
+            cpu += f" {models[0].strip()}"
+    return f"{platform.system()} {cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
 
 
 def device_name(device: torch.device) -> str:

@@ -1,13 +1,13 @@
 """How accurate each operand precision is, modelled exactly on the CPU: the structural loss (its
 Gram products) and the HRA projection, at the paper's shape.
 
-Tensor cores round their operands and accumulate in fp32: ``tf32`` keeps 10 mantissa bits (round
-to nearest, ties away from zero), ``tf32x3`` adds the products of each operand's tf32 tail to the
-product of the heads (``a_h b_h + a_h b_t + a_t b_h``), ``bf16`` keeps 7 bits (round to nearest
-even), and ``ieee`` is plain fp32. This module rounds the operands as the hardware does, multiplies
-them in fp32 on the CPU (only the order of the fp32 additions differs from a GPU) and compares the
-results with float64. It models the arithmetic, not a kernel: ``tests/test_precision.py`` runs the
-kernels themselves in each mode against float64 on CUDA.
+Tensor cores read tf32 or bf16 operands and accumulate in fp32: ``tf32`` keeps 10 mantissa bits
+of each fp32 operand (the other 13 cut off), ``tf32x3`` splits each operand into a tf32 head
+(rounded to nearest, ties away) and tail and adds ``a_h b_t + a_t b_h`` to ``a_h b_h``, ``bf16``
+keeps 7 bits (round to nearest even), and ``ieee`` is plain fp32. This module treats the
+operands so, multiplies them in fp32 on the CPU (only the order of the fp32 additions differs
+from a GPU) and compares the results with float64. It models the arithmetic, not a kernel:
+``tests/test_precision.py`` runs the kernels themselves in each mode against float64 on CUDA.
 
 * **Structural loss (cosine)**: fp32 unit-norm rows (column ``bf16``: bf16 rows, what bf16 units
   of a direct caller get; ``MTALoss`` pools in fp32), both Gram matrices and the student's row
@@ -55,9 +55,17 @@ PAPER = Shape()
 
 
 def round_tf32(x: Tensor) -> Tensor:
-    """fp32 ``x`` rounded to tf32 (10 mantissa bits, ties away from zero), as tensor cores do."""
+    """fp32 ``x`` rounded to tf32 (10 mantissa bits, ties away from zero): the conversion
+    (``cvt.rna.tf32.f32``) that splits each operand into head and tail in ``tf32x3``."""
     bits = x.float().contiguous().view(torch.int32)
     return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def truncate_tf32(x: Tensor) -> Tensor:
+    """fp32 ``x`` cut to tf32 (the low 13 mantissa bits dropped): what a tensor core reads from
+    an fp32 register handed to it unconverted, as plain ``tf32`` dots do (assumed here; the
+    CUDA test of tests/test_precision.py holds the kernels to it)."""
+    return (x.float().contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32)
 
 
 def round_bf16(x: Tensor) -> Tensor:
@@ -71,7 +79,7 @@ def product(a: Tensor, b: Tensor, mode: str) -> Tensor:
     if mode == "ieee":
         return a @ b
     if mode == "tf32":
-        return round_tf32(a) @ round_tf32(b)
+        return truncate_tf32(a) @ truncate_tf32(b)
     if mode == "tf32x3":
         a_head, b_head = round_tf32(a), round_tf32(b)
         a_tail, b_tail = round_tf32(a - a_head), round_tf32(b - b_head)

@@ -55,7 +55,9 @@ __all__ = [
     "QUICK",
     "DemoSettings",
     "comparison_table",
+    "demo_corpus",
     "demo_passages",
+    "distill_student",
     "gpt2_config",
     "results_markdown",
     "run_demo",
@@ -140,6 +142,19 @@ def split_passages(passages: Sequence[str], every: int = 10) -> tuple[list[str],
     train = [p for i, p in enumerate(passages) if i % every]
     heldout = [p for i, p in enumerate(passages) if i % every == 0]
     return train, heldout
+
+
+def demo_corpus(settings: DemoSettings) -> tuple[list[str], list[str]]:
+    """(training, held-out) passages of a demo mode: :func:`split_passages` of
+    :func:`demo_passages`, limited and cut as ``settings`` say."""
+    train_texts, heldout_texts = split_passages(demo_passages())
+    if settings.max_train_passages is not None:
+        train_texts = train_texts[: settings.max_train_passages]
+    if settings.max_chars is not None:
+        train_texts, heldout_texts = (
+            [_cut(t, settings.max_chars) for t in texts] for texts in (train_texts, heldout_texts)
+        )
+    return train_texts, heldout_texts
 
 
 def train_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -284,7 +299,7 @@ def _require_spacy() -> None:
         )
 
 
-def _distill(
+def distill_student(
     name: str,
     student: GPT2LMHeadModel,
     teacher: GPT2LMHeadModel,
@@ -443,13 +458,7 @@ def _run_demo(
         print(f"replacing the results of an earlier demo run in {output}/")
     output.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir is not None else Path.home() / ".cache" / "mta"
-    train_texts, heldout_texts = split_passages(demo_passages())
-    if settings.max_train_passages is not None:
-        train_texts = train_texts[: settings.max_train_passages]
-    if settings.max_chars is not None:
-        train_texts, heldout_texts = (
-            [_cut(t, settings.max_chars) for t in texts] for texts in (train_texts, heldout_texts)
-        )
+    train_texts, heldout_texts = demo_corpus(settings)
     print(
         f"MTA demo ({'quick' if quick else 'full'}): {len(train_texts)} training and "
         f"{len(heldout_texts)} held-out passages from pydoc_data.topics; cache {cache}"
@@ -480,7 +489,7 @@ def _run_demo(
     histories, rows = {}, {}
     for name, (model, mta_loss) in runs.items():
         directory = name.lower().replace("+", "_")
-        histories[name] = _distill(
+        histories[name] = distill_student(
             directory, model, teacher, tokenizer, train_set, mta_loss, settings, output, seed
         )
         ppl = perplexity(model, heldout_set, pad_token_id(tokenizer), batch_size=32)

@@ -208,7 +208,7 @@ class MTALoss(nn.Module):
         n_dsa = sum(term == "dsa" for term, _ in self.terms)
         n_hra = sum(term == "hra" for term, _ in self.terms)
         # L_HRA: the sum over pairs in the paper, the mean in the released code
-        hra_share = 1.0 / n_hra if self.variant == "authors_code" else 1.0
+        hra_share = 1.0 / max(n_hra, 1) if self.variant == "authors_code" else 1.0
         combine = torch.zeros(3, len(self.terms))
         for column, (term, _) in enumerate(self.terms):
             share = 1.0 / n_dsa if term == "dsa" else hra_share

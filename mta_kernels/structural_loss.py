@@ -450,6 +450,11 @@ def structural_design(metric: str, num_units: int, width_student: int, width_tea
     * ``"recompute"`` between the two (and for every larger euclidean K): memory O(B·K·d).
     """
     choice = SWITCHES.structural_design
+    if choice != "auto" and choice not in STRUCTURAL_DESIGNS:
+        raise ValueError(
+            f"SWITCHES.structural_design must be 'auto' or one of {STRUCTURAL_DESIGNS}, "
+            f"got {choice!r}"
+        )
     if choice == "moments" and metric != "cosine":
         return "recompute"  # the euclidean distances have no low-rank form
     if choice != "auto":
@@ -852,17 +857,21 @@ class MomentsStructuralLossFunction(torch.autograd.Function):
             + m_s.square().sum((1, 2))
             - (q * diagonal).square().sum(-1)
         )
+        # a difference of large terms: exactly 0 below two valid units (no pair), never < 0
+        has_pairs = valid.sum(-1) >= 2
+        loss = torch.where(has_pairs, loss.clamp_min(0.0), 0.0)
         ctx.weights_dtype = span_weights.dtype
         inputs = (student_units, teacher_units, student_inv_norm, teacher_inv_norm, valid)
-        ctx.save_for_backward(*inputs, s, t, q, m_t, m_s, cross, diagonal)
+        ctx.save_for_backward(*inputs, s, t, q, m_t, m_s, cross, diagonal, has_pairs)
         return loss.float()
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
         units_s, units_t, inv_norm_s, inv_norm_t, valid, *moments = ctx.saved_tensors
-        s, t, q, m_t, m_s, cross, diagonal = moments
+        s, t, q, m_t, m_s, cross, diagonal, has_pairs = moments
         need_student, need_teacher, need_weights = ctx.needs_input_grad[:3]
-        scale = grad_loss.double().unsqueeze(-1)  # [B, 1]
+        # [B, 1]; an example without a pair has no gradient (its terms cancel only to rounding)
+        scale = torch.where(has_pairs, grad_loss.double(), 0.0).unsqueeze(-1)
         t_m_t = t @ m_t if need_teacher or need_weights else None  # rows M_T t_i
         t_c = t @ cross if need_student or need_weights else None  # rows Cᵀ t_i
         s_m_s = s @ m_s if need_student or need_weights else None  # rows M_S s_i

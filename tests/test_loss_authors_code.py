@@ -1,6 +1,7 @@
 """``MTALoss(variant="authors_code")`` against an independent statement of the released loss
 (tests/release_port.py)."""
 
+import copy
 import itertools
 
 import pytest
@@ -54,31 +55,45 @@ def _release(module: MTALoss, student, teacher, batch):
     return release_port.mta_loss(student, teacher, batch["attention_mask"], layers, projectors)
 
 
+@pytest.mark.kernels  # also run on the GPU by benchmarks/gpu_check.sh (the fused path there)
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
 @pytest.mark.parametrize("ops", ["dispatch", "reference"])
-def test_matches_the_released_loss(padded: bool, ops: str) -> None:
+def test_matches_the_released_loss(padded: bool, ops: str, device: str) -> None:
     """Value within 1e-5 and student/projector gradients within 1e-4 (relative, fp32 in other
     orders of summation), each term too, with the default λs reproducing ``w_span = 2.0``.
-    ``dispatch``: the fused kernels (interpreter on CPU); ``reference``: the eager ops. Padding
-    rows are queries of the token weights in both, so padded batches match as well."""
+    ``dispatch``: the fused kernels (on CUDA, or the interpreter on CPU); ``reference``: the
+    eager ops on CPU. Padding rows are queries of the token weights in both, so padded batches
+    match as well."""
     gen = torch.Generator().manual_seed(7)
     torch.manual_seed(7)
     module = MTALoss(D_S, D_T, PAIRS, variant="authors_code")
     batch = _batch(padded, gen)
     student, teacher = _states(gen, padded)
+    expected, terms = _release(module, student, teacher, batch)
+    wrt = [student[2], student[3], student[4], *module.parameters()]
+    expected_grads = torch.autograd.grad(expected, wrt)
     if ops == "reference":
         with mk.prefer_reference():
             out = module(student, teacher, batch)
+        grads = torch.autograd.grad(out.loss, wrt)
     else:
-        out = module(student, teacher, batch)
-    expected, terms = _release(module, student, teacher, batch)
-    torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=0)
+        on_device = copy.deepcopy(module).to(device)
+        states = [s.detach().to(device).requires_grad_() for s in student]
+        out = on_device(
+            states, [t.to(device) for t in teacher], {k: v.to(device) for k, v in batch.items()}
+        )
+        grads = [
+            g.cpu()
+            for g in torch.autograd.grad(
+                out.loss, [states[2], states[3], states[4], *on_device.parameters()]
+            )
+        ]
+    torch.testing.assert_close(out.loss.cpu(), expected, rtol=1e-5, atol=0)
     for (s, t, _), (dsa, hra) in zip(PAIRS, terms, strict=True):
-        torch.testing.assert_close(out.components[f"dsa/{s}-{t}"], dsa.detach(), rtol=1e-5, atol=0)
-        torch.testing.assert_close(out.components[f"hra/{s}-{t}"], hra.detach(), rtol=1e-5, atol=0)
-    wrt = [student[2], student[3], student[4], *module.parameters()]
-    grads = torch.autograd.grad(out.loss, wrt)
-    expected_grads = torch.autograd.grad(expected, wrt)
+        for name, value in ((f"dsa/{s}-{t}", dsa), (f"hra/{s}-{t}", hra)):
+            torch.testing.assert_close(
+                out.components[name].cpu(), value.detach(), rtol=1e-5, atol=0
+            )
     for grad, want in zip(grads, expected_grads, strict=True):
         assert want.abs().max() > 0
         torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
@@ -107,6 +122,24 @@ def test_a_batch_without_units_is_zero_not_an_error() -> None:
     assert out.loss.item() == 0.0
     out.loss.backward()
     assert all(s.grad is None or (s.grad == 0).all() for s in student)
+
+
+@pytest.mark.parametrize(("use_dsa", "use_hra"), [(True, False), (False, True)])
+def test_ablations_keep_the_other_term_as_released(use_dsa: bool, use_hra: bool) -> None:
+    """DSA alone or HRA alone (the release's dsa/hs ablations): the kept term as in the full
+    variant, the loss its weighted mean over pairs."""
+    gen = torch.Generator().manual_seed(5)
+    batch = _batch(True, gen)
+    student, teacher = _states(gen, True)
+    torch.manual_seed(5)
+    full = MTALoss(D_S, D_T, PAIRS, variant="authors_code")
+    ablated = MTALoss(D_S, D_T, PAIRS, variant="authors_code", use_dsa=use_dsa, use_hra=use_hra)
+    ablated.load_state_dict(full.state_dict() if use_hra else {})
+    expected = full(student, teacher, batch).components
+    out = ablated(student, teacher, batch)
+    kept, weight = ("dsa", 2.0) if use_dsa else ("hra", 0.2)
+    torch.testing.assert_close(out.components[kept], expected[kept], rtol=1e-6, atol=0)
+    torch.testing.assert_close(out.loss, weight * expected[kept], rtol=1e-6, atol=0)
 
 
 def test_refusals() -> None:

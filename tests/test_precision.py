@@ -21,6 +21,14 @@ def test_tf32_rounding_keeps_ten_mantissa_bits_ties_away():
     assert (precision.round_tf32(x) - x).abs().le(x.abs() * 2.0**-11).all()
 
 
+def test_tf32_truncation_drops_the_low_thirteen_bits():
+    ulp = 2.0**-10
+    assert precision.truncate_tf32(torch.tensor([1.0 + 0.99 * ulp])).item() == 1.0
+    assert precision.truncate_tf32(torch.tensor([-(1.0 + 0.99 * ulp)])).item() == -1.0
+    x = torch.randn(1000)
+    assert (precision.truncate_tf32(x).abs() <= x.abs()).all()
+
+
 def test_tf32x3_is_near_fp32_and_tf32_is_not():
     gen = torch.Generator().manual_seed(0)
     a, b = torch.randn(64, 256, generator=gen), torch.randn(256, 64, generator=gen)

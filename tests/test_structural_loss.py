@@ -127,6 +127,28 @@ def test_other_gradient_subsets(grad_args, metric, device, seed):
     )
 
 
+@pytest.mark.usefixtures("structural_design")
+def test_fewer_than_two_units_is_exactly_zero(device):
+    """No pair, no loss: exactly 0 and a zero gradient on every design (the moments form's
+    terms would otherwise cancel only to rounding, possibly below 0)."""
+    student = torch.randn(3, 6, 5, device=device, requires_grad=True)
+    teacher = torch.randn(3, 6, 7, device=device)
+    mask = torch.zeros(3, 6, dtype=torch.bool, device=device)
+    mask[1, 2] = True
+    loss = mk.structural_loss(
+        student, teacher, torch.rand(3, 6, device=device), mask, "cosine", "none"
+    )
+    assert torch.equal(loss, torch.zeros(3, device=device))
+    (grad,) = torch.autograd.grad(loss.sum(), student)
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_unknown_design_is_refused(monkeypatch):
+    monkeypatch.setattr(SWITCHES, "structural_design", "tiles")
+    with pytest.raises(ValueError, match="structural_design must be 'auto' or one of"):
+        structural_design("cosine", 300, 768, 1600)
+
+
 def test_design_is_chosen_by_shape():
     """The error matrix is saved while it is no larger than the inputs (cosine: K ≤ d_S + d_T;
     euclidean saves three K×K matrices: 3K ≤ d_S + d_T); the cosine moments form takes over when
