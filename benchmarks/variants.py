@@ -34,20 +34,41 @@ from mta.spans import pad_unit_spans
 from mta.unit_plan import UnitPlan
 
 RESULTS = Path(__file__).resolve().parent / "results" / "variants_cpu.csv"
-COLUMNS = ("step", "difference", "L_DSA", "L_HRA", "loss")
+COLUMNS = ("step", "equations", "released", "L_DSA", "L_HRA", "loss")
 B, T, D_S, D_T = 4, 48, 32, 48
 PAIRS = (LayerPair(2, 4, "word"), LayerPair(3, 6, "phrase"), LayerPair(4, 8, "phrase"))
 LAMBDA_DSA, LAMBDA_HRA = 2.0, 0.2
 
-#: The differences, in the order they are applied (each row keeps the ones above it).
+#: The differences, in the order they are applied (each row keeps the ones above it):
+#: (step, the equations, the released code).
 STEPS = (
-    ("paper", "the equations (MTALoss(variant='paper'))"),
-    ("release_weights", "token weights: std + 1e-5, padding rows as queries"),
-    ("student_pooling", "student units pooled with the student's own weights"),
-    ("batch_dsa", "DSA: batch totals over the batch total of pair weights"),
-    ("membership_hra", "HRA over (token, unit) memberships, per-example normalized"),
-    ("bias", "projector with a bias"),
-    ("hra_mean", "L_HRA the mean over pairs, not the sum (= variant='authors_code')"),
+    ("paper", "the equations: MTALoss(variant='paper')", "—"),
+    (
+        "release_weights",
+        "token weights: H / (std + 1e-8), mean over valid rows",
+        "H / (std + 1e-5), mean over all rows, padding rows included",
+    ),
+    (
+        "student_pooling",
+        "student units pooled with the teacher's weights",
+        "with the student's own weights",
+    ),
+    (
+        "batch_dsa",
+        "DSA: per-example sum, batch mean",
+        "batch total over the batch total of pair weights",
+    ),
+    (
+        "membership_hra",
+        "HRA: Σ_t w_t c_t (1 − cos) per example, batch mean",
+        "over (token, unit) memberships, normalized per example, mean over examples with units",
+    ),
+    ("bias", "projector Linear without bias", "with a bias"),
+    (
+        "hra_mean",
+        "L_HRA: the sum over layer pairs",
+        "the mean over layer pairs (= MTALoss(variant='authors_code'))",
+    ),
 )
 
 
@@ -143,7 +164,7 @@ def rows(seed: int = 0) -> list[dict[str, str]]:
     values: dict[str, tuple[float, float]] = {}
     applied: set[str] = set()
     with torch.no_grad(), mk.prefer_reference():
-        for name, _ in STEPS:
+        for name, *_ in STEPS:
             applied.add(name)
             values[name] = _terms(student, teacher, plan, projectors, applied)
         ends = {
@@ -154,19 +175,26 @@ def rows(seed: int = 0) -> list[dict[str, str]]:
         for got, key in zip(values[step], ("dsa", "hra"), strict=True):
             if abs(got - float(components[key])) > 1e-6 * abs(float(components[key])):
                 raise AssertionError(f"{step}: {key} {got} != MTALoss's {float(components[key])}")
-    out = [_row(name, difference, *values[name]) for name, difference in STEPS]
+    out = [_row(name, paper, release, *values[name]) for name, paper, release in STEPS]
     dsa, hra = values["paper"]
     out.append(
-        _row("pairs_i_lt_j", "DSA over pairs i < j only (other reproductions)", dsa / 2, hra)
+        _row(
+            "pairs_i_lt_j",
+            "DSA over ordered pairs i ≠ j",
+            "over pairs i < j only (other reproductions)",
+            dsa / 2,
+            hra,
+        )
     )
     return out
 
 
-def _row(step: str, difference: str, dsa: float, hra: float) -> dict[str, str]:
+def _row(step: str, paper: str, release: str, dsa: float, hra: float) -> dict[str, str]:
     loss = LAMBDA_DSA * dsa + LAMBDA_HRA * hra
     return {
         "step": step,
-        "difference": difference,
+        "equations": paper,
+        "released": release,
         "L_DSA": f"{dsa:.6g}",
         "L_HRA": f"{hra:.6g}",
         "loss": f"{loss:.6g}",
@@ -179,9 +207,9 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 def _table(table: Sequence[dict[str, str]]) -> str:
     return harness.markdown_table(
-        ("difference (cumulative)", "L_DSA", "L_HRA", "loss = 2 L_DSA + 0.2 L_HRA"),
-        [[r["difference"], r["L_DSA"], r["L_HRA"], r["loss"]] for r in table],
-        right=range(1, 4),
+        ("the equations", "the released code (cumulative)", "L_DSA", "L_HRA", "loss"),
+        [[r["equations"], r["released"], r["L_DSA"], r["L_HRA"], r["loss"]] for r in table],
+        right=range(2, 5),
     )
 
 
@@ -189,8 +217,8 @@ def markdown_table(path: Path) -> str:
     return (
         f"Computed by `python -m benchmarks.variants --out {Path(path).as_posix()}` on one random "
         f"batch (B={B}, T={T} with padding, d_S={D_S}, d_T={D_T}, 3 layer pairs, the same "
-        "projector weights in every row); each row adds one difference to those above it.\n\n"
-        + _table(read_csv(path))
+        "projector weights in every row); each row adds one difference to those above it, and "
+        "loss = 2 L_DSA + 0.2 L_HRA.\n\n" + _table(read_csv(path))
     )
 
 
