@@ -350,10 +350,8 @@ class MTALoss(nn.Module):
             w = teacher_weights[pair.teacher_layer]
             unit = units[pair.granularity]
             if authors:
-                self._authors_pair(
-                    pair, h_s, h_t, w, student_weights[pair.student_layer], unit,
-                    numerators, denominators,
-                )  # fmt: skip
+                w_s = student_weights[pair.student_layer]
+                self._authors_pair(pair, h_s, h_t, w, w_s, unit, numerators, denominators)
                 continue
             if self.use_dsa or cross:
                 u_t = mk.span_pool(h_t, unit.teacher, token_weights=w)
