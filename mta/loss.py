@@ -341,7 +341,9 @@ class MTALoss(nn.Module):
 
         teacher_weights = importance(teacher, teacher_mask)
         # the released code pools the student's units with the student's own weights
-        student_weights = importance(student, plan.attention_mask) if authors else None
+        student_weights = (
+            importance(student, plan.attention_mask) if authors and self.use_dsa else {}
+        )
 
         numerators: dict[tuple[str, LayerPair], Tensor] = {}  # [B] per-example sums
         denominators: dict[tuple[str, LayerPair], Tensor] = {}  # [B], authors_code only
@@ -350,7 +352,7 @@ class MTALoss(nn.Module):
             w = teacher_weights[pair.teacher_layer]
             unit = units[pair.granularity]
             if authors:
-                w_s = student_weights[pair.student_layer]
+                w_s = student_weights.get(pair.student_layer)  # only DSA pools the student
                 self._authors_pair(pair, h_s, h_t, w, w_s, unit, numerators, denominators)
                 continue
             if self.use_dsa or cross:
@@ -406,7 +408,7 @@ class MTALoss(nn.Module):
         h_s: Tensor,
         h_t: Tensor,
         w_t: Tensor,
-        w_s: Tensor,
+        w_s: Tensor | None,
         unit: GranularityUnits,
         numerators: dict[tuple[str, LayerPair], Tensor],
         denominators: dict[tuple[str, LayerPair], Tensor],
