@@ -24,6 +24,11 @@ Measured (rows of the CSV, ``metric`` column):
   parsed) with ``n_process`` 1 / 2, on ``--prepare-examples`` passages, median over
   ``--repeats`` runs; with 2 processes each run includes starting the workers and loading the
   pipeline in each (as every ``mta-prepare --n-process 2`` does), with 1 the pipeline is loaded.
+* ``unit_pool_p1`` / ``unit_pool_p2``: examples/s of :class:`mta.unit_pool.UnitPool` (the
+  background parser of student-sampled responses) with 1 / 2 worker processes, already started,
+  fed the ``--examples`` passages in batches of 16 submitted together, as the trainer submits a
+  step's; the Markdown adds how they compare with the step rate they must feed (the paper's 16
+  examples per 0.26 s on an A100).
 * ``load_average``: 1-minute load average of the host when the run started (context for a
   shared machine).
 
@@ -67,10 +72,13 @@ from mta.spans import (
     pipeline_id,
     unit_spans,
 )
+from mta.unit_pool import UnitPool
 
 COLUMNS = ("metric", "value", "unit", "examples", "detail", "machine", "commit", "date")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "spans_cpu.csv"
 BATCH_SIZE = 8
+#: The step the unit pool must feed: the paper's 16 examples per 0.26 s step on an A100.
+PAPER_STEP = (16, 0.26)
 WORDS_PER_EXAMPLE = 100
 VOCAB_SIZE = 8000  # a cap: the corpus is too small to fill it
 MAX_SENTENCE_WORDS = 80  # longer "sentences" are unpunctuated lists or tables: skipped
@@ -311,6 +319,41 @@ def _prepare_rows(texts: Sequence[str], name: str, repeats: int) -> list[dict[st
     return rows
 
 
+def _pool_rows(texts: Sequence[str], name: str, repeats: int) -> list[dict[str, object]]:
+    """``unit_pool_p<k>``: examples/s of a :class:`mta.unit_pool.UnitPool` with ``k`` worker
+    processes, started and warmed up beforehand, fed batches of :data:`PAPER_STEP`'s size as a
+    trainer submits them (all in flight, then collected); with no in-memory cache, so every run
+    parses every text."""
+    batch = PAPER_STEP[0]
+    groups = [texts[i : i + batch] for i in range(0, len(texts), batch)]
+    expected = extract_units(texts, name)
+    rows = []
+    for processes in (1, 2):
+        rates = []
+        with UnitPool(name, processes=processes, memory_entries=0) as pool:
+            pool.warm_up()
+            for _ in range(repeats):
+                start = time.perf_counter()
+                pending = [pool.submit(g) for g in groups]
+                units = [u for p in pending for u in p.result()]
+                rates.append(len(texts) / (time.perf_counter() - start))
+                if units != expected:
+                    raise RuntimeError("the unit pool's units differ from extract_units")
+        harness.log(f"bench_spans: unit pool, {processes} process(es): {rates}")
+        spread = f"median of {repeats} runs (min {min(rates):.1f}, max {max(rates):.1f})"
+        rows.append(
+            _row(
+                f"unit_pool_p{processes}",
+                statistics.median(rates),
+                "examples/s",
+                len(texts),
+                f"UnitPool(processes={processes}), warm workers, batches of {batch} submitted "
+                f"together then collected; {spread}",
+            )
+        )
+    return rows
+
+
 def _collate_rows(
     texts: Sequence[str], units: Sequence[TextUnits], corpus: Sequence[str], reps: int
 ) -> list[dict[str, object]]:
@@ -387,6 +430,7 @@ def measure(
         + extract
         + _cache_rows(texts, units, name, repeats)
         + _prepare_rows(select_examples(corpus, prepare_examples), name, repeats)
+        + _pool_rows(texts, name, repeats)
         + _collate_rows(texts, units, corpus, reps)
     )
 
@@ -432,6 +476,19 @@ def markdown_table(path: Path) -> str:
             right=(1, 3),
         ),
     ]
+    pool = {r["metric"]: float(r["value"]) for r in rows if r["metric"].startswith("unit_pool_")}
+    if pool:
+        batch, seconds = PAPER_STEP
+        need = batch / seconds
+        lines += [
+            "",
+            f"Units of sampled responses: the paper's step ({batch} examples in {seconds} s on an "
+            f"A100) needs {need:.1f} examples/s; "
+            + ", ".join(
+                f"`{metric}` gives {rate / need:.2f}× that" for metric, rate in sorted(pool.items())
+            )
+            + ".",
+        ]
     return "\n".join(lines) + "\n"
 
 

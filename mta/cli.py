@@ -104,6 +104,7 @@ def _build(checked: CheckedRun) -> MTATrainer:
     from mta.data import DistillationCollator, DistillationDataset, load_units, pad_token_id
     from mta.loss import MTALoss
     from mta.trainer import MTATrainer, same_tokenizer
+    from mta.unit_pool import UnitPool
 
     config, args = checked.config, checked.args
     m, d = config.model, config.data
@@ -186,8 +187,20 @@ def _build(checked: CheckedRun) -> MTATrainer:
             use_hra=config.mta.lambda_hra > 0,
         )
     collator = DistillationCollator(
-        pad_token_id(student_tokenizer), pad_token_id(teacher_tokenizer) if cross else None
+        pad_token_id(student_tokenizer),
+        pad_token_id(teacher_tokenizer) if cross else None,
+        with_examples=args.student_generation != "off",
     )
+    unit_pool = None
+    if checked.use_mta and args.student_generation != "off":
+        # the sampled responses' units: parsed in the background, cached beside the dataset's
+        unit_pool = UnitPool(
+            d.spacy_model,
+            processes=args.unit_workers,
+            rules=config.mta.variant,
+            cache=d.units_cache,
+            write_cache=args.process_index == 0,
+        )
     try:
         return MTATrainer(
             model=student,
@@ -199,8 +212,12 @@ def _build(checked: CheckedRun) -> MTATrainer:
             data_collator=collator,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
+            unit_pool=unit_pool,
         )
-    except ValueError as err:  # the trainer's checks of the models against the settings
+    except (
+        TypeError,
+        ValueError,
+    ) as err:  # the trainer's checks of the models against the settings
         raise UserError(f"training: {err}") from None
 
 

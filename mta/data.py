@@ -50,13 +50,18 @@ from mta.spans import (
 from mta.unit_plan import PLAN_KEY, UnitPlan
 
 __all__ = [
+    "EXAMPLES_KEY",
+    "EXAMPLE_KEY",
     "FORMATS",
     "TEMPLATES",
     "DistillationCollator",
     "DistillationDataset",
     "Example",
+    "GeneratedExample",
     "PromptTemplate",
     "build_dataset",
+    "encode_example",
+    "encode_generated",
     "format_record",
     "load_units",
     "pad_token_id",
@@ -68,6 +73,9 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("auto", "instruction", "prompt", "text")
 Span = tuple[int, int]
+#: Where a dataset item keeps its :class:`Example`, and a collated batch the list of them.
+EXAMPLE_KEY = "example"
+EXAMPLES_KEY = "examples"
 
 
 @dataclass(frozen=True)
@@ -201,7 +209,7 @@ def _is_lone_space(tokenizer: Any, token_id: int) -> bool:
     return tokenizer.convert_ids_to_tokens(token_id) in ("▁", "Ġ")
 
 
-def _encode(
+def encode_example(
     tokenizer: Any, example: Example, max_length: int, add_eos: bool
 ) -> tuple[list[int], np.ndarray, int, bool, bool]:
     """``(ids, offsets int64[T, 2], n_prompt, truncated, eos_added)`` of an example, at most
@@ -239,6 +247,105 @@ def _encode(
     return ids, offsets, min(n_prompt, len(ids)), truncated, eos_added
 
 
+@dataclass(frozen=True)
+class GeneratedExample:
+    """A prompt with a response sampled from the student, ready to train on.
+
+    ``example``: prompt + the decoded response, with the response's character range added to the
+    prompt's content regions (units are extracted from it as from a dataset example);
+    ``input_ids``: the prompt's tokens then the sampled tokens exactly as generated, up to and
+    including the first EOS, at most ``max_length`` in all; ``offsets`` int64[T, 2]: each token's
+    character range in ``example.text`` (``(0, 0)`` for EOS); ``n_prompt``: prompt tokens;
+    ``ends_with_eos``: the response ended with EOS; ``truncated``: ``max_length`` cut it.
+    """
+
+    example: Example
+    input_ids: list[int]
+    offsets: np.ndarray
+    n_prompt: int
+    ends_with_eos: bool
+    truncated: bool
+
+    @property
+    def labels(self) -> list[int]:
+        """``-100`` on the prompt, the sampled tokens on the response."""
+        return [-100] * self.n_prompt + self.input_ids[self.n_prompt :]
+
+
+def _token_offsets(tokenizer: Any, ids: Sequence[int], text: str) -> np.ndarray:
+    """int64[len(ids), 2] character ranges of ``ids`` in ``text = decode(ids)``: the offsets of
+    re-encoding ``text`` when that gives back ``ids`` (the usual case), else the growth of the
+    decoded prefix at each token (a sampled, non-canonical tokenization)."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if list(enc["input_ids"]) == list(ids):
+        return _offsets(enc)
+    offsets = np.zeros((len(ids), 2), np.int64)
+    end = 0
+    for i in range(len(ids)):
+        # a byte-level token may end inside a character: its prefix decodes with a
+        # replacement character, hence the clamp to a non-decreasing range within text
+        grown = min(
+            len(tokenizer.decode(ids[: i + 1], clean_up_tokenization_spaces=False)), len(text)
+        )
+        offsets[i] = (end, max(end, grown))
+        end = max(end, grown)
+    return offsets
+
+
+def encode_generated(
+    tokenizer: Any, example: Example, response_ids: Sequence[int], max_length: int
+) -> GeneratedExample:
+    """Tokens, labels and text of ``example``'s prompt followed by a response the student
+    sampled (``response_ids``: the generated tokens, padding after EOS allowed).
+
+    The prompt is tokenized as :class:`DistillationDataset` tokenizes it (so its tokens are those
+    the student was prompted with); the response keeps the sampled tokens, cut after the first
+    EOS or where prompt + response reach ``max_length``, and is decoded to text for the teacher's
+    tokenizer and the units. A response cut before EOS gets no EOS.
+
+    Raises:
+        ValueError: the example has no prompt, or its prompt leaves no room for a response token.
+    """
+    if example.response_start == 0:
+        raise ValueError(
+            "student generation needs a prompt to sample from, but this example is plain text "
+            "(a 'text' record): use instruction or prompt/output records"
+        )
+    eos = tokenizer.eos_token_id
+    head = tokenizer(example.prompt, return_offsets_mapping=True)
+    prompt_ids = list(head["input_ids"])
+    room = max_length - len(prompt_ids)
+    if room < 1:
+        raise ValueError(
+            f"the prompt has {len(prompt_ids)} tokens, leaving no room for a response within "
+            f"max_length={max_length}"
+        )
+    response = [int(t) for t in response_ids]
+    if eos is not None and eos in response:
+        response = response[: response.index(eos) + 1]
+    truncated = len(response) > room
+    response = response[:room]
+    ends_with_eos = bool(response) and eos is not None and response[-1] == eos
+    words = response[:-1] if ends_with_eos else response
+    reply = tokenizer.decode(words, clean_up_tokenization_spaces=False) if words else ""
+    prompt = example.prompt
+    text = prompt + reply
+    regions = tuple(r for r in example.regions if r[1] <= len(prompt))
+    if reply.strip():
+        regions += ((len(prompt), len(text)),)
+    offsets = [_offsets(head), _token_offsets(tokenizer, words, reply) + len(prompt)]
+    if ends_with_eos:
+        offsets.append(np.zeros((1, 2), np.int64))
+    return GeneratedExample(
+        Example(text, len(prompt), regions),
+        prompt_ids + response,
+        np.concatenate(offsets).reshape(-1, 2),
+        len(prompt_ids),
+        ends_with_eos,
+        truncated,
+    )
+
+
 def _check_fast(tokenizer: Any, name: str) -> None:
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError(
@@ -263,7 +370,8 @@ class DistillationDataset(Dataset):
         add_eos: append EOS after the response (default: for examples that have a prompt).
 
     Each item is a dict of lists / int64 arrays: ``input_ids``, ``labels``, optionally
-    ``teacher_input_ids``, and the per-example unit ranges of :func:`mta.spans.example_unit_spans`.
+    ``teacher_input_ids``, and the per-example unit ranges of :func:`mta.spans.example_unit_spans`;
+    and the :class:`Example` itself (``"example"``: what student generation prompts with).
     """
 
     def __init__(
@@ -285,21 +393,27 @@ class DistillationDataset(Dataset):
         _check_fast(tokenizer, "tokenizer")
         if teacher_tokenizer is not None:
             _check_fast(teacher_tokenizer, "teacher_tokenizer")
+        self.max_length = max_length
+        self.membership = membership
         self.items: list[dict[str, Any]] = []
         dropped = 0
         for i, example in enumerate(examples):
             eos = example.response_start > 0 if add_eos is None else add_eos
-            ids, offsets, n_prompt, truncated, eos_added = _encode(
+            ids, offsets, n_prompt, truncated, eos_added = encode_example(
                 tokenizer, example, max_length, eos
             )
             if len(ids) - n_prompt - eos_added < 1 or len(ids) < 2:  # no response token left
                 dropped += 1
                 continue
-            item: dict[str, Any] = {"input_ids": ids, "labels": [-100] * n_prompt + ids[n_prompt:]}
+            item: dict[str, Any] = {
+                "input_ids": ids,
+                "labels": [-100] * n_prompt + ids[n_prompt:],
+                EXAMPLE_KEY: example,
+            }
             teacher_offsets, teacher_truncated = None, False
             if teacher_tokenizer is not None:
-                item["teacher_input_ids"], teacher_offsets, _, teacher_truncated, _ = _encode(
-                    teacher_tokenizer, example, max_length, eos
+                item["teacher_input_ids"], teacher_offsets, _, teacher_truncated, _ = (
+                    encode_example(teacher_tokenizer, example, max_length, eos)
                 )
             if units is not None:
                 item.update(
@@ -350,11 +464,14 @@ class DistillationCollator:
     padding), ``teacher_input_ids`` / ``teacher_attention_mask`` [B, T'] when the items carry them,
     and the unit keys (``{g}_student_spans`` / ``{g}_teacher_spans`` LongTensor[B, K_g, 2],
     ``{g}_span_mask`` BoolTensor[B, K_g]) with their validated :class:`~mta.unit_plan.UnitPlan`
-    (``"unit_plan"``) when the items carry units.
+    (``"unit_plan"``) when the items carry units, and with ``with_examples`` the items'
+    :class:`Example` list (``"examples"``: the prompts student generation samples from; not a
+    tensor, so off by default).
     """
 
     pad_token_id: int
     teacher_pad_token_id: int | None = None
+    with_examples: bool = False
 
     def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
         ids = _pad([f["input_ids"] for f in features], self.pad_token_id)
@@ -380,11 +497,24 @@ class DistillationCollator:
             batch["teacher_attention_mask"] = (
                 torch.arange(t_ids.shape[1]) < t_lengths[:, None]
             ).long()
+        if self.with_examples:
+            if EXAMPLE_KEY not in features[0]:
+                raise ValueError(
+                    "with_examples=True needs items that carry their example "
+                    "(mta.data.DistillationDataset items)"
+                )
+            batch[EXAMPLES_KEY] = [f[EXAMPLE_KEY] for f in features]
         if f"{GRANULARITIES[0]}_student_spans" in features[0]:
-            batch.update(pad_unit_spans(features))
-            # validated and prepared here, on the CPU: the loss then reads nothing back
-            batch[PLAN_KEY] = UnitPlan.from_batch(batch)
+            self.add_units(batch, features)
         return batch
+
+    @staticmethod
+    def add_units(batch: dict[str, Any], features: Sequence[Mapping[str, Any]]) -> None:
+        """Pad the items' unit ranges into ``batch`` (collated from the same items) with their
+        :class:`~mta.unit_plan.UnitPlan`."""
+        batch.update(pad_unit_spans(features))
+        # validated and prepared here, on the CPU: the loss then reads nothing back
+        batch[PLAN_KEY] = UnitPlan.from_batch(batch)
 
 
 def pad_token_id(tokenizer: Any) -> int:

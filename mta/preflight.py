@@ -145,6 +145,40 @@ def _layer_pairs(
         raise UserError(f"{key}: {err} (depths read from the models' config.json)") from None
 
 
+def _check_student_generation(
+    args: MTATrainingArguments,
+    config: RunConfig,
+    train: list[Example],
+    evaluation: list[Example] | None,
+    use_mta: bool,
+) -> None:
+    """What ``training.student_generation`` needs: prompts to sample from, an evaluation set
+    for the adaptive threshold, and spaCy for the units of the sampled text."""
+    mode = args.student_generation
+    if mode == "off":
+        return
+    if mode == "adaptive" and evaluation is None:
+        raise UserError(
+            "training.student_generation=adaptive raises its sampling threshold from the "
+            "validation loss: set data.eval_file (and training.eval_strategy)"
+        )
+    plain = next((i for i, e in enumerate(train) if e.response_start == 0), None)
+    if plain is not None:
+        raise UserError(
+            f"training.student_generation={mode} samples responses from the prompts, but record "
+            f"{plain + 1} of data.train_file {config.data.train_file!r} is plain text (no prompt): "
+            "use instruction or prompt/output records, or set training.student_generation=off"
+        )
+    from mta.spans import default_pipeline_name
+
+    if use_mta and default_pipeline_name() is None and config.data.spacy_model is None:
+        raise UserError(
+            f"training.student_generation={mode} with MTA parses the units of the sampled "
+            "responses during training, which needs spaCy and an English pipeline: pip install "
+            "'mta[spacy]' (a units cache only holds the dataset's texts)"
+        )
+
+
 def check_run(config: RunConfig) -> CheckedRun:
     """Every check of ``config`` that needs no model weights (see the module docstring).
 
@@ -181,6 +215,7 @@ def check_run(config: RunConfig) -> CheckedRun:
             f"mta.variant=authors_code uses the cosine metric (the released code has no other), "
             f"got mta.metric={config.mta.metric}: drop mta.metric or set mta.variant=paper"
         )
+    _check_student_generation(args, config, train, evaluation, use_mta)
     pairs = _layer_pairs(config, student_dims, teacher_dims) if use_mta else None
     return CheckedRun(
         config=config,

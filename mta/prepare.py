@@ -187,13 +187,22 @@ class UnitCache:
     ) -> list[TextUnits]:
         """Units of ``texts`` (same arguments and result as :func:`mta.spans.extract_units`)."""
         segments = text_segments(texts, regions)
-        entries = self._index()
         keys = [text_key(s.text) for s in segments]
+        found, todo = self.lookup(dict(zip(keys, (s.text for s in segments), strict=True)))
+        if todo:
+            self._parse(todo, found)
+        elif self._rewrite:
+            self._save([])
+        return merge_segments(len(texts), segments, [found[k] for k in keys])
+
+    def lookup(self, texts: dict[str, str]) -> tuple[dict[str, TextUnits], dict[str, str]]:
+        """Split ``{text_key(text): text}`` into the units the file holds, current (``found``,
+        key → units), and the texts still to parse (``todo``, key → text). Stale entries are
+        dropped from the index, so that the next save rewrites the file without them."""
+        entries = self._index()
         found: dict[str, TextUnits] = {}
         todo: dict[str, str] = {}
-        for key, seg in zip(keys, segments, strict=True):
-            if key in found or key in todo:
-                continue
+        for key, text in texts.items():
             entry = entries.get(key)
             if entry is not None and self._is_current(entry):
                 found[key] = TextUnits(
@@ -203,17 +212,24 @@ class UnitCache:
                 self.stats.hits += 1
                 continue
             if entry is not None:
-                # dropped now, so that the rewrite below never writes it: its re-parsed
-                # entry replaces it
                 del entries[key]
                 self.stats.stale += 1
                 self._rewrite = True
-            todo[key] = seg.text
-        if todo:
-            self._parse(todo, found)
-        elif self._rewrite:
-            self._save([])
-        return merge_segments(len(texts), segments, [found[k] for k in keys])
+            todo[key] = text
+        return found, todo
+
+    def add(self, parsed: dict[str, tuple[str, TextUnits]]) -> None:
+        """Store units parsed elsewhere (``{text_key(text): (text, units)}``), e.g. by
+        :class:`mta.unit_pool.UnitPool`'s workers."""
+        entries = self._index()
+        new = []
+        for key, (text, units) in parsed.items():
+            if text_key(text) != key:
+                raise ValueError(f"key {key!r} is not the text_key of its text")
+            entries[key] = entry = self._entry(key, text, units)
+            new.append(entry)
+        self.stats.parsed += len(new)
+        self._save(new)
 
     def _parse(self, todo: dict[str, str], found: dict[str, TextUnits]) -> None:
         """Parse the texts of ``todo`` (key → text) into ``found``, storing each batch of entries

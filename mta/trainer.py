@@ -43,8 +43,9 @@ from typing import Any, Literal
 import safetensors.torch
 import torch
 from torch import Tensor, nn
-from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME, load_sharded_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, ModelOutput, logging
 
 try:
@@ -53,6 +54,14 @@ except ImportError:  # torch built without distributed support
     DTensor = ()  # isinstance(x, ()) is False
 
 from mta.callbacks import print_logs_as_numbers
+from mta.data import DistillationCollator
+from mta.generation import (
+    GENERATION_MODES,
+    SAMPLED_KEY,
+    GenerationMode,
+    GenerationSettings,
+    StudentSampler,
+)
 from mta.kd_losses import (
     KINDS,
     LIGER_KINDS,
@@ -63,6 +72,7 @@ from mta.kd_losses import (
 )
 from mta.layers import LayerPair
 from mta.loss import MTALoss
+from mta.unit_pool import UnitPool
 
 __all__ = [
     "PROJECTORS_NAME",
@@ -126,8 +136,61 @@ class MTATrainingArguments(TrainingArguments):
             "it, such a directory is refused unless resume_from_checkpoint is set)."
         },
     )
+    student_generation: GenerationMode = field(
+        default="off",
+        metadata={
+            "help": f"Train on responses the student samples, one of {GENERATION_MODES}: 'off' "
+            "(the dataset's), 'on_policy' (GKD: each micro-batch with probability "
+            "generation_lmbda) or 'adaptive' (DistiLLM's replay buffer and adaptive threshold; "
+            "mta.generation)."
+        },
+    )
+    generation_lmbda: float = field(
+        default=0.5, metadata={"help": "on_policy: probability that a micro-batch is sampled."}
+    )
+    generation_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    generation_top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling top-p."})
+    generation_top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
+    generation_max_new_tokens: int = field(
+        default=256,
+        metadata={"help": "Most tokens sampled per response (and at most the data's max_length)."},
+    )
+    adaptive_init_threshold: float = field(
+        default=0.0, metadata={"help": "adaptive: the initial threshold θ."}
+    )
+    adaptive_loss_eps: float = field(
+        default=0.1,
+        metadata={"help": "adaptive: rise of eval_student_ce that raises θ by adaptive_step."},
+    )
+    adaptive_step: float = field(default=0.1, metadata={"help": "adaptive: increment of θ."})
+    replay_buffer_size: int = field(
+        default=1000, metadata={"help": "adaptive: sampled examples the replay buffer keeps."}
+    )
+    unit_workers: int = field(
+        default=1,
+        metadata={
+            "help": "Processes parsing the units of sampled responses with spaCy (0: a thread "
+            "of the training process)."
+        },
+    )
     remove_unused_columns: bool = False
     ddp_find_unused_parameters: bool | None = False
+
+    def generation_settings(self) -> GenerationSettings:
+        """The student-generation fields as :class:`mta.generation.GenerationSettings`."""
+        return GenerationSettings(
+            mode=self.student_generation,
+            lmbda=self.generation_lmbda,
+            temperature=self.generation_temperature,
+            top_p=self.generation_top_p,
+            top_k=self.generation_top_k,
+            max_new_tokens=self.generation_max_new_tokens,
+            init_threshold=self.adaptive_init_threshold,
+            loss_eps=self.adaptive_loss_eps,
+            threshold_step=self.adaptive_step,
+            buffer_size=self.replay_buffer_size,
+            unit_workers=self.unit_workers,
+        )
 
     def __post_init__(self) -> None:
         if self.base_loss not in KINDS:
@@ -139,6 +202,7 @@ class MTATrainingArguments(TrainingArguments):
                 f"fused_lm_head must be one of {FUSED_HEAD_MODES} (or a bool), got "
                 f"{self.fused_lm_head!r}"
             )
+        self.generation_settings()  # validates the student-generation fields
         if self.projector_learning_rate <= 0:
             raise ValueError(
                 f"projector_learning_rate must be > 0, got {self.projector_learning_rate}"
@@ -150,11 +214,13 @@ class MTATrainingArguments(TrainingArguments):
 class StudentOutput(ModelOutput):
     """Output of :class:`StudentWithProjectors`: student ``logits`` [B, T, V] (None with a fused
     LM head), the base loss summed over response tokens ``base_loss_sum`` (fused LM head only,
-    else None), the MTA term ``mta_loss`` (float32 scalar, or None) and its detached
+    else None) and, in eval mode, the student's cross-entropy on the labels ``student_ce_sum``
+    (likewise), the MTA term ``mta_loss`` (float32 scalar, or None) and its detached
     ``mta_components``."""
 
     logits: Tensor | None = None
     base_loss_sum: Tensor | None = None
+    student_ce_sum: Tensor | None = None
     mta_loss: Tensor | None = None
     mta_components: dict[str, Tensor] | None = None
 
@@ -237,7 +303,7 @@ class StudentWithProjectors(nn.Module):
             use_cache=False,
             return_dict=True,
         )
-        logits = base_loss_sum = None
+        logits = base_loss_sum = ce_sum = None
         if fused_head_loss is None:
             out = self.student(**kwargs)
             logits = out.logits
@@ -256,8 +322,12 @@ class StudentWithProjectors(nn.Module):
                 teacher_bias=loss.teacher_bias,
                 **loss.settings,
             )
+            if not self.training:
+                ce_sum = _student_ce_sum(
+                    out.last_hidden_state, _unsharded_weight(head), head.bias, loss.labels
+                )
         if not use_mta:
-            return StudentOutput(logits=logits, base_loss_sum=base_loss_sum)
+            return StudentOutput(logits=logits, base_loss_sum=base_loss_sum, student_ce_sum=ce_sum)
         if teacher_hidden_states is None or mta_batch is None:
             raise ValueError("the MTA term needs teacher_hidden_states and mta_batch")
         hidden = {p.student_layer: out.hidden_states[p.student_layer] for p in self.layer_pairs}
@@ -266,6 +336,7 @@ class StudentWithProjectors(nn.Module):
         return StudentOutput(
             logits=logits,
             base_loss_sum=base_loss_sum,
+            student_ce_sum=ce_sum,
             mta_loss=mta.loss,
             mta_components=mta.components,
         )
@@ -274,6 +345,15 @@ class StudentWithProjectors(nn.Module):
     def layer_pairs(self) -> tuple[LayerPair, ...]:
         """The MTA layer plan (empty without an MTA loss)."""
         return () if self.mta_loss is None else self.mta_loss.layer_pairs
+
+
+def _student_ce_sum(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor) -> Tensor:
+    """The student's cross-entropy on ``labels`` summed over response tokens, from its last
+    hidden states and LM head (no logits), without gradients."""
+    with torch.no_grad():
+        return fused_linear_distillation_loss(
+            hidden, weight, None, None, labels, kind="ce", reduction="sum", student_bias=bias
+        )
 
 
 def _unsharded_weight(head: nn.Linear) -> Tensor:
@@ -441,6 +521,9 @@ class MTATrainer(Trainer):
         teacher_processing_class: the teacher's tokenizer if it differs from the student's; the
             batches must then carry ``teacher_input_ids``/``teacher_attention_mask`` and units
             mapped to each tokenization, and ``base_loss`` must be ``"ce"``.
+        unit_pool: with ``student_generation`` and MTA, the :class:`~mta.unit_pool.UnitPool`
+            that parses the sampled responses' units (default: ``args.unit_workers`` processes
+            of the default spaCy pipeline, no disk cache).
         **kwargs: the other ``transformers.Trainer`` arguments (``data_collator``,
             ``train_dataset``, ``eval_dataset``, ``callbacks``, …).
 
@@ -458,6 +541,7 @@ class MTATrainer(Trainer):
         mta_loss: MTALoss | None = None,
         processing_class: Any = None,
         teacher_processing_class: Any = None,
+        unit_pool: UnitPool | None = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(args, MTATrainingArguments):
@@ -509,7 +593,70 @@ class MTATrainer(Trainer):
         self.fused_lm_head = self._use_fused_head()
         self._train_components = _ComponentMeter()
         self._eval_components = _ComponentMeter()
+        self.sampler = self._build_sampler(unit_pool, teacher_processing_class)
+        if self.sampler is not None:
+            self.add_callback(_SamplerCheckpoints(self))
         print_logs_as_numbers(self)
+
+    def _build_sampler(
+        self, unit_pool: UnitPool | None, teacher_tokenizer: Any
+    ) -> StudentSampler | None:
+        """The :class:`~mta.generation.StudentSampler` of ``args.student_generation`` (None when
+        off), after checking that this run can sample."""
+        settings = self.args.generation_settings()
+        if settings.mode == "off":
+            return None
+        where = f"student_generation={settings.mode!r}"
+        if self.processing_class is None:
+            raise ValueError(f"{where} needs the student's tokenizer: pass processing_class")
+        if not (
+            isinstance(self.data_collator, DistillationCollator)
+            and self.data_collator.with_examples
+        ):
+            raise TypeError(
+                f"{where} needs batches that carry their prompts: pass "
+                "data_collator=mta.data.DistillationCollator(..., with_examples=True), got "
+                f"{self.data_collator!r}"
+            )
+        max_length = getattr(self.train_dataset, "max_length", None)
+        if max_length is None:
+            raise TypeError(
+                f"{where} needs a mta.data.DistillationDataset as train_dataset (its max_length "
+                "bounds the sampled sequences)"
+            )
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            raise ValueError(
+                f"{where} runs the student's generate, which this trainer does not drive under "
+                "FSDP or DeepSpeed sharding: use plain data parallelism (DDP)"
+            )
+        if (
+            settings.mode == "adaptive"
+            and settings.buffer_size < self.args.per_device_train_batch_size
+        ):
+            raise ValueError(
+                f"replay_buffer_size={settings.buffer_size} is smaller than a batch "
+                f"(per_device_train_batch_size={self.args.per_device_train_batch_size})"
+            )
+        mta_loss = self.wrapper.mta_loss
+        variant = "paper" if mta_loss is None else mta_loss.variant
+        if mta_loss is not None and unit_pool is None:
+            unit_pool = UnitPool(processes=settings.unit_workers, rules=variant)
+        if unit_pool is not None and unit_pool.rules != variant:
+            raise ValueError(
+                f"the unit pool extracts units with rules={unit_pool.rules!r} but the MTA loss "
+                f"is the {variant!r} variant"
+            )
+        return StudentSampler(
+            settings,
+            tokenizer=self.processing_class,
+            teacher_tokenizer=teacher_tokenizer if self.cross_tokenizer else None,
+            collator=self.data_collator,
+            max_length=max_length,
+            units=unit_pool if mta_loss is not None else None,
+            rules=variant,
+            membership=getattr(self.train_dataset, "membership", "overlap"),
+            seed=(self.args.seed, self.args.process_index),
+        )
 
     # ---- construction checks ------------------------------------------------------------
 
@@ -650,6 +797,42 @@ class MTATrainer(Trainer):
                 )
         return optimizer
 
+    # ---- student generation --------------------------------------------------------------
+
+    def get_batch_samples(
+        self, epoch_iterator: Any, num_batches: int, device: torch.device
+    ) -> tuple[list, Tensor | int | None]:
+        """The micro-batches of one optimizer step, with those the sampler chooses replaced by
+        student-sampled (or replayed) ones before the step's tokens are counted."""
+        if self.sampler is None:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        batches = []
+        for _ in range(num_batches):
+            try:
+                batch = next(epoch_iterator)
+            except StopIteration:
+                break
+            batches.append(
+                self.sampler.batch_for_step(
+                    self.student,
+                    batch,
+                    self.state.global_step,
+                    self.state.max_steps,
+                    self.accelerator.autocast,
+                )
+            )
+        return super().get_batch_samples(iter(batches), len(batches), device)
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """``Trainer.evaluate``; with ``student_generation='adaptive'`` the run's evaluation
+        (prefix ``eval``) also updates the threshold from its ``eval_student_ce``."""
+        metrics = super().evaluate(*args, **kwargs)
+        if self.sampler is not None and self.sampler.settings.mode == "adaptive":
+            key = "eval_student_ce"
+            if key in metrics:
+                self.sampler.threshold.observe(metrics[key])
+        return metrics
+
     # ---- loss --------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -709,6 +892,10 @@ class MTATrainer(Trainer):
             )
         labels = inputs["labels"]
         teacher_base, teacher_hidden = self._teacher_forward(inputs)
+        if SAMPLED_KEY in inputs:
+            # a sampled batch: its units were parsed while it was generated and while the
+            # teacher's forward, launched above, runs
+            inputs = {**inputs, **inputs[SAMPLED_KEY].unit_keys(self.args.device)}
         kd = {
             "kind": self.args.base_loss,
             "temperature": self.args.temperature,
@@ -752,8 +939,16 @@ class MTATrainer(Trainer):
                 # the accumulation steps so that both sum to one step. Evaluation has none.
                 steps = getattr(self, "current_gradient_accumulation_steps", 1)
                 loss = loss + mta / (steps if model.training else 1)
+        components = {"base_loss": base_sum.detach() / num_local, **(outputs.mta_components or {})}
+        if not model.training:
+            ce_sum = outputs.student_ce_sum
+            if ce_sum is None:
+                ce_sum = distillation_loss(
+                    outputs.logits.detach(), None, labels, kind="ce", reduction="sum"
+                )
+            components["student_ce"] = ce_sum / num_local
         meter = self._train_components if model.training else self._eval_components
-        meter.add({"base_loss": base_sum.detach() / num_local, **(outputs.mta_components or {})})
+        meter.add(components)
         if return_outputs:
             return loss, {"logits": outputs.logits}
         return loss
@@ -774,6 +969,12 @@ class MTATrainer(Trainer):
         training logs."""
         if "loss" in logs:
             logs.update(self._reduced_means(self._train_components))
+            if self.sampler is not None:
+                counts = self.sampler.counts
+                logs["sampled_batches"] = counts["sampled"]
+                logs["replayed_batches"] = counts["replayed"]
+                if self.sampler.settings.mode == "adaptive":
+                    logs["adaptive_threshold"] = self.sampler.threshold.threshold
         super().log(logs, start_time)
 
     def evaluation_loop(
@@ -837,6 +1038,8 @@ class MTATrainer(Trainer):
         ``global_step*``), which ``Trainer`` writes beside the plain student and which hold the
         whole wrapped module, student and projectors: those go through ``Trainer``'s loader.
         """
+        if self.sampler is not None:
+            self.sampler.load_state_dict(_read_sampler_state(resume_from_checkpoint, self.args))
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
             return
@@ -868,3 +1071,46 @@ class MTATrainer(Trainer):
             super()._load_best_model()  # their own checkpoint files (see _load_from_checkpoint)
         else:
             self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+
+def sampler_state_name(process_index: int) -> str:
+    """The file of one process's :class:`~mta.generation.StudentSampler` state in a checkpoint."""
+    return f"mta_student_generation-rank{process_index}.json"
+
+
+def _read_sampler_state(checkpoint: str, args: TrainingArguments) -> dict[str, Any]:
+    path = os.path.join(checkpoint, sampler_state_name(args.process_index))
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"checkpoint {checkpoint!r} has no student-generation state for process "
+            f"{args.process_index} ({os.path.basename(path)}): it was written without "
+            "student_generation or by fewer processes; resume with the run's settings"
+        )
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+class _SamplerCheckpoints(TrainerCallback):
+    """Writes each process's sampler state into every checkpoint ``MTATrainer`` saves, and
+    stops the unit workers when training ends."""
+
+    def __init__(self, trainer: MTATrainer) -> None:
+        self.trainer = trainer
+
+    def on_save(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        sampler = self.trainer.sampler
+        if sampler is None:
+            return
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        # every process writes its own file; the first to get here creates the folder
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, sampler_state_name(args.process_index))
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(sampler.state_dict(), f)
+
+    def on_train_end(
+        self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any
+    ) -> None:
+        sampler = self.trainer.sampler
+        if sampler is not None and sampler.units is not None:
+            sampler.units.close()

@@ -64,3 +64,25 @@ def seed() -> int:
     value = random.SystemRandom().randrange(2**31)
     torch.manual_seed(value)
     return value
+
+
+@pytest.fixture(scope="module")
+def eager_mta_ops():
+    """CPU tensors take the eager reference of the MTA ops, not the Triton interpreter (the
+    kernel tests cover the interpreter; a training run through it would take minutes). Modules
+    of training tests use it with ``pytestmark = pytest.mark.usefixtures("eager_mta_ops")``."""
+    import mta_kernels
+
+    with mta_kernels.prefer_reference():
+        yield
+
+
+@pytest.fixture(scope="session")
+def nlp():
+    """The default English spaCy pipeline (the test is skipped without spaCy or a pipeline)."""
+    pytest.importorskip("spacy")
+    from mta import spans
+
+    if spans.default_pipeline_name() is None:
+        pytest.skip("no English spaCy pipeline installed")
+    return spans.load_pipeline()

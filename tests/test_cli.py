@@ -19,7 +19,6 @@ import safetensors.torch
 import yaml
 from training_helpers import CONFIGS, RECORDS, TINY, gpt2, make_tokenizer, write_tiny_run
 
-import mta_kernels
 from mta.cli import CONFIG_NAME, build_trainer, main
 from mta.config import load_config
 from mta.data import format_record
@@ -28,12 +27,7 @@ from mta.evaluate import generate, rouge_l
 from mta.evaluate import main as eval_main
 from mta.trainer import PROJECTORS_NAME
 
-
-@pytest.fixture(autouse=True, scope="module")
-def eager_mta_ops():
-    """CPU tensors take the eager reference of the MTA ops, not the Triton interpreter."""
-    with mta_kernels.prefer_reference():
-        yield
+pytestmark = pytest.mark.usefixtures("eager_mta_ops")
 
 
 def test_entry_points_answer_help():
@@ -84,7 +78,11 @@ def test_released_recipes_are_the_authors_variant():
         granularities = [g for _, _, g in config.mta.layer_pairs]
         assert granularities == ["word"] + ["phrase"] * (len(granularities) - 1)
         text = path.read_text()
-        assert "student generation" in text  # each says what is not runnable yet
+        assert "student generation" in text.lower()  # each says how it samples
+        training = config.training  # DistiLLM's adaptive sampling, as released
+        assert training["student_generation"] == "adaptive"
+        assert training["replay_buffer_size"] == 1000 and training["eval_on_start"]
+        assert training["adaptive_init_threshold"] == 0.0 and training["adaptive_loss_eps"] == 0.1
 
 
 @pytest.mark.parametrize("recipe", RELEASED_RECIPES, ids=lambda p: p.stem)
@@ -108,6 +106,15 @@ def test_released_recipes_run_at_tiny_size(recipe, tmp_path):
         "training.save_strategy=no",
         "training.disable_tqdm=true",
     ]
+    if load_config(recipe).training.get("student_generation", "off") != "off":
+        # sample from the first step (θ = 1) into a 2-example buffer, in one unit worker process
+        tiny += [
+            "training.adaptive_init_threshold=1.0",
+            "training.replay_buffer_size=2",
+            "training.generation_max_new_tokens=8",
+            "training.unit_workers=1",
+            "training.eval_on_start=false",
+        ]
     assert main(["--config", str(recipe), *overrides, *tiny]) == 0
     assert (tmp_path / "out" / "model.safetensors").is_file()
 

@@ -159,6 +159,35 @@ MISTAKES = {
         _distill(mta__variant="released"),
         "config key 'mta.variant' must be one of ['paper', 'authors_code']",
     ),
+    "student generation from plain-text records": Mistake(
+        "mta-distill",
+        _with_file(
+            "data.jsonl",
+            '{"instruction": "Say hi.", "output": "Hi."}\n{"text": "No prompt here."}\n',
+            lambda run_dir, tmp: [
+                "--config",
+                TINY,
+                *_overrides(
+                    run_dir,
+                    data__train_file=str(tmp / "data.jsonl"),
+                    training__student_generation="on_policy",
+                ),
+            ],
+        ),
+        "training.student_generation=on_policy samples responses from the prompts, but record 2 "
+        "of data.train_file '{tmp}/data.jsonl' is plain text (no prompt)",
+    ),
+    "adaptive student generation without an eval set": Mistake(
+        "mta-distill",
+        _distill(training__student_generation="adaptive"),
+        "training.student_generation=adaptive raises its sampling threshold from the validation "
+        "loss: set data.eval_file",
+    ),
+    "unknown student generation mode": Mistake(
+        "mta-distill",
+        _distill(training__student_generation="always"),
+        "config key 'training.student_generation' must be one of ['off', 'on_policy', 'adaptive']",
+    ),
     "unknown key": Mistake(
         "mta-distill", _distill(mta__lamda_dsa="3"), "Did you mean 'mta.lambda_dsa'?"
     ),

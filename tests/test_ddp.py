@@ -21,7 +21,7 @@ from training_helpers import RECORDS, TINY, torchrun, write_tiny_run
 import mta_kernels
 from mta.cli import run
 from mta.config import load_config
-from mta.trainer import PROJECTORS_NAME
+from mta.trainer import PROJECTORS_NAME, sampler_state_name
 
 # 8 examples with different response lengths: two optimizer steps of a global batch of 4.
 DDP_RECORDS = [r for r in RECORDS if "text" not in r][:4] * 2
@@ -78,3 +78,41 @@ def test_ddp_two_processes_match_one(tmp_path, fused_lm_head):
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6, msg=name)
     moved = max((a[k] - initial[k]).abs().max().item() for k in initial)
     assert moved > 1e-3  # the comparison is not vacuous
+
+
+def test_ddp_each_process_samples_its_own_prompts(tmp_path):
+    """Student generation under 2-process DDP (adaptive, θ = 1: every micro-batch sampled or
+    replayed): each process samples from the prompts of its own shard with its own generator,
+    and its sampler state lands in the checkpoint beside the other's."""
+    pytest.importorskip("spacy")  # the sampled responses' units are parsed during training
+    torchrun(
+        2,
+        "-m",
+        "mta.cli",
+        "--config",
+        TINY,
+        *write_tiny_run(tmp_path, DDP_RECORDS),
+        f"data.eval_file={tmp_path / 'train.jsonl'}",
+        f"training.output_dir={tmp_path / 'ddp'}",
+        "training.per_device_train_batch_size=2",
+        "training.ddp_backend=gloo",
+        "training.max_steps=2",
+        "training.save_strategy=steps",
+        "training.save_steps=2",
+        "training.train_sampling_strategy=sequential",
+        "training.student_generation=adaptive",
+        "training.adaptive_init_threshold=1.0",
+        "training.replay_buffer_size=2",
+        "training.generation_max_new_tokens=6",
+        "training.unit_workers=0",
+    )
+    checkpoint = tmp_path / "ddp" / "checkpoint-2"
+    states = [json.loads((checkpoint / sampler_state_name(rank)).read_text()) for rank in (0, 1)]
+    prompts = []
+    for state in states:
+        assert sum(state["counts"].values()) == 2 and state["counts"]["sampled"] >= 1
+        buffer = state["buffer"]["items"]
+        assert len(buffer) == 2
+        prompts.append({item["text"][: item["response_start"]] for item in buffer})
+    assert states[0]["rng"] != states[1]["rng"]  # one generator per process
+    assert prompts[0].isdisjoint(prompts[1])  # each process prompts with its own examples

@@ -23,14 +23,6 @@ TEXTS = [
 DISTINCT = 3
 
 
-@pytest.fixture(scope="module")
-def nlp():
-    pytest.importorskip("spacy")
-    if S.default_pipeline_name() is None:
-        pytest.skip("no English spaCy pipeline installed")
-    return S.load_pipeline()
-
-
 def lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 

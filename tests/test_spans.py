@@ -561,14 +561,6 @@ def test_missing_pipeline_error_names_the_package(monkeypatch):
 # --------------------------------------------------------------------------- spaCy rules
 
 
-@pytest.fixture(scope="module")
-def nlp():
-    pytest.importorskip("spacy")
-    if S.default_pipeline_name() is None:
-        pytest.skip("no English spaCy pipeline installed")
-    return S.load_pipeline()
-
-
 HAND_CHECKED = [  # text, words (spaCy tokens minus punctuation), phrases
     (
         "The quick brown fox has not jumped over the lazy dog.",

@@ -17,17 +17,22 @@ import os
 import pytest
 import safetensors.torch
 import torch
-from training_helpers import RECORDS, gpt2, make_tokenizer, regex_units
+from training_helpers import (
+    RECORDS,
+    clone,
+    gpt2,
+    llama,
+    regex_units,
+    tiny_run_arguments,
+    tokenizer_pair,
+)
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
     GPT2LMHeadModel,
     HfArgumentParser,
-    LlamaConfig,
-    LlamaForCausalLM,
 )
 
-import mta_kernels
 from mta.data import DistillationCollator, DistillationDataset, format_record, pad_token_id
 from mta.layers import LayerPair, plan_layers
 from mta.loss import MTALoss
@@ -43,36 +48,12 @@ EXAMPLES = [format_record(r) for r in RECORDS]
 MAX_LENGTH = 192  # every example's prompt and response fit
 
 
-@pytest.fixture(autouse=True, scope="module")
-def eager_mta_ops():
-    """CPU tensors take the eager reference of the MTA ops, not the Triton interpreter."""
-    with mta_kernels.prefer_reference():
-        yield
+pytestmark = pytest.mark.usefixtures("eager_mta_ops")
 
 
 @pytest.fixture(scope="module")
 def toks():
-    texts = [e.text for e in EXAMPLES]
-    return {
-        "bytelevel": make_tokenizer(texts, "bytelevel", 300),
-        "metaspace": make_tokenizer(texts, "metaspace", 340),
-    }
-
-
-def llama(tok, layers, width):
-    return LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=width,
-            intermediate_size=2 * width,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-        )
-    )
+    return tokenizer_pair([e.text for e in EXAMPLES])
 
 
 def make_pair(kind, toks, student_dropout=0.0):
@@ -98,16 +79,8 @@ def make_trainer(tmp_path, kind, toks, mta=True, student_dropout=0.0, **override
     pairs = plan_layers(2, 4, num_key_layers=2)
     mta_loss = MTALoss(32, 48, pairs) if mta else None
     settings = {
-        "output_dir": str(tmp_path),
-        "max_steps": 2,
+        **tiny_run_arguments(tmp_path, teacher_tok, "fkl"),
         "per_device_train_batch_size": 3,
-        "learning_rate": 1e-3,
-        "logging_steps": 1,
-        "save_strategy": "no",
-        "report_to": [],
-        "use_cpu": True,
-        "disable_tqdm": True,
-        "base_loss": "ce" if teacher_tok is not None else "fkl",
         **overrides,
     }
     collator = DistillationCollator(
@@ -123,10 +96,6 @@ def make_trainer(tmp_path, kind, toks, mta=True, student_dropout=0.0, **override
         data_collator=collator,
         train_dataset=dataset,
     )
-
-
-def clone(module):
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "cross"])

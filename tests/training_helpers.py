@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from mta.data import Example, format_record
 from mta.spans import TextUnits
@@ -69,6 +69,31 @@ def make_tokenizer(texts: list[str], kind: str = "bytelevel", vocab_size: int = 
     )
 
 
+def tokenizer_pair(texts: list[str]) -> dict:
+    """The two tokenizations the trainer tests run: ``bytelevel`` (300 tokens) and
+    ``metaspace`` (340), trained on ``texts``."""
+    return {
+        "bytelevel": make_tokenizer(texts, "bytelevel", 300),
+        "metaspace": make_tokenizer(texts, "metaspace", 340),
+    }
+
+
+def tiny_run_arguments(output_dir, teacher_tokenizer, base_loss: str) -> dict:
+    """``MTATrainingArguments`` keywords of a two-step CPU run that logs every step and saves
+    nothing; ``base_loss`` is ``ce`` when the teacher has its own tokenizer."""
+    return {
+        "output_dir": str(output_dir),
+        "max_steps": 2,
+        "learning_rate": 1e-3,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "base_loss": "ce" if teacher_tokenizer is not None else base_loss,
+    }
+
+
 def regex_units(example: Example) -> TextUnits:
     """Deterministic units without spaCy: words = ``\\w+`` runs, phrases = word pairs, inside
     the example's content regions."""
@@ -95,6 +120,27 @@ def gpt2(tok, layers, width, dropout=0.0, vocab=None):
             eos_token_id=tok.eos_token_id,
         )
     )
+
+
+def llama(tok, layers, width):
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    )
+
+
+def clone(module):
+    """A detached copy of ``module``'s state dict (to compare weights before and after)."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
