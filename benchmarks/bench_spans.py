@@ -26,9 +26,9 @@ Measured (rows of the CSV, ``metric`` column):
   pipeline in each (as every ``mta-prepare --n-process 2`` does), with 1 the pipeline is loaded.
 * ``unit_pool_p1`` / ``unit_pool_p2``: examples/s of :class:`mta.unit_pool.UnitPool` (the
   background parser of student-sampled responses) with 1 / 2 worker processes, already started,
-  fed the ``--examples`` passages in batches of 16 submitted together, as the trainer submits a
-  step's; the Markdown adds how they compare with the step rate they must feed (the paper's 16
-  examples per 0.26 s on an A100).
+  fed the ``--prepare-examples`` passages in batches of 16 submitted together, as the trainer
+  submits a step's; the Markdown adds how they compare with the step rate they must feed (the
+  paper's 16 examples per 0.26 s on an A100).
 * ``load_average``: 1-minute load average of the host when the run started (context for a
   shared machine).
 
@@ -323,28 +323,27 @@ def _pool_rows(texts: Sequence[str], name: str, repeats: int) -> list[dict[str, 
     """``unit_pool_p<k>``: examples/s of a :class:`mta.unit_pool.UnitPool` with ``k`` worker
     processes, started and warmed up beforehand, fed batches of :data:`PAPER_STEP`'s size as a
     trainer submits them (all in flight, then collected); with no in-memory cache, so every run
-    parses every text."""
+    parses every text. The units are checked against ``extract_units`` once, untimed."""
     batch = PAPER_STEP[0]
     groups = [texts[i : i + batch] for i in range(0, len(texts), batch)]
     expected = extract_units(texts, name)
     rows = []
     for processes in (1, 2):
-        rates = []
         with UnitPool(name, processes=processes, memory_entries=0) as pool:
             pool.warm_up()
-            for _ in range(repeats):
-                start = time.perf_counter()
+
+            def parse_all() -> list[TextUnits]:
                 pending = [pool.submit(g) for g in groups]
-                units = [u for p in pending for u in p.result()]
-                rates.append(len(texts) / (time.perf_counter() - start))
-                if units != expected:
-                    raise RuntimeError("the unit pool's units differ from extract_units")
-        harness.log(f"bench_spans: unit pool, {processes} process(es): {rates}")
-        spread = f"median of {repeats} runs (min {min(rates):.1f}, max {max(rates):.1f})"
+                return [u for p in pending for u in p.result()]
+
+            if parse_all() != expected:
+                raise RuntimeError("the unit pool's units differ from extract_units")
+            harness.log(f"bench_spans: unit pool, {processes} process(es) x {repeats}")
+            rate, spread = _throughput(len(texts), parse_all, repeats)
         rows.append(
             _row(
                 f"unit_pool_p{processes}",
-                statistics.median(rates),
+                rate,
                 "examples/s",
                 len(texts),
                 f"UnitPool(processes={processes}), warm workers, batches of {batch} submitted "
@@ -425,12 +424,13 @@ def measure(
     texts = select_examples(corpus, n_examples)
     rows = [_row("load_average", load, "", len(texts), "1 min, at start")]
     units, extract = _extract_rows(texts, name, repeats)
+    passages = select_examples(corpus, prepare_examples)
     return (
         rows
         + extract
         + _cache_rows(texts, units, name, repeats)
-        + _prepare_rows(select_examples(corpus, prepare_examples), name, repeats)
-        + _pool_rows(texts, name, repeats)
+        + _prepare_rows(passages, name, repeats)
+        + _pool_rows(passages, name, repeats)
         + _collate_rows(texts, units, corpus, reps)
     )
 
