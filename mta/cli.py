@@ -101,9 +101,15 @@ def build_trainer(config: RunConfig) -> MTATrainer:
 def _build(checked: CheckedRun) -> MTATrainer:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mta.data import DistillationCollator, DistillationDataset, load_units, pad_token_id
+    from mta.data import (
+        DistillationCollator,
+        DistillationDataset,
+        load_units,
+        pad_token_id,
+        same_tokenizer,
+    )
     from mta.loss import MTALoss
-    from mta.trainer import MTATrainer, same_tokenizer
+    from mta.trainer import MTATrainer
     from mta.unit_pool import UnitPool
 
     config, args = checked.config, checked.args

@@ -5,7 +5,7 @@ A run file has five sections::
     model:     {teacher: gpt2-xl, student: gpt2, ...}            -> ModelConfig
     data:      {train_file: dolly/train.jsonl, max_length: 512}  -> DataConfig
     mta:       {lambda_dsa: 2.0, lambda_hra: 0.2, ...}           -> MTAConfig
-    training:  any field of mta.trainer.MTATrainingArguments (and so of
+    training:  any field of mta.training_args.MTATrainingArguments (and so of
                transformers.TrainingArguments), e.g. base_loss, learning_rate, output_dir
 
 Every key is checked against the dataclass field it sets: an unknown key is an error naming the
@@ -163,7 +163,7 @@ class RunConfig:
     data: DataConfig
     mta: MTAConfig = field(default_factory=MTAConfig)
     training: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments of :class:`mta.trainer.MTATrainingArguments`, checked on load."""
+    """Keyword arguments of :class:`mta.training_args.MTATrainingArguments`, checked on load."""
 
     def to_dict(self) -> dict[str, Any]:
         """Plain ``dict`` (YAML-serialisable) of the resolved configuration."""
@@ -330,10 +330,10 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 
 def check_training_arguments(raw: Any, prefix: str = "training") -> dict[str, Any]:
-    """Check the ``training`` section against :class:`mta.trainer.MTATrainingArguments`."""
+    """Check the ``training`` section against :class:`mta.training_args.MTATrainingArguments`."""
     import transformers
 
-    from mta.trainer import MTATrainingArguments  # heavy (transformers): only when needed
+    from mta.training_args import MTATrainingArguments  # heavy (transformers): only when needed
 
     if raw is None:
         raw = {}
@@ -348,7 +348,7 @@ def check_training_arguments(raw: Any, prefix: str = "training") -> dict[str, An
                 str(key),
                 names,
                 prefix,
-                "the fields of mta.trainer.MTATrainingArguments (base_loss, temperature, "
+                "the fields of mta.training_args.MTATrainingArguments (base_loss, temperature, "
                 "skew_alpha, vocab_size, projector_learning_rate, projector_weight_decay and "
                 f"those of transformers {transformers.__version__} TrainingArguments)",
             )

@@ -67,6 +67,7 @@ __all__ = [
     "pad_token_id",
     "read_examples",
     "read_jsonl",
+    "same_tokenizer",
 ]
 
 logger = logging.getLogger(__name__)
@@ -515,6 +516,11 @@ class DistillationCollator:
         batch.update(pad_unit_spans(features))
         # validated and prepared here, on the CPU: the loss then reads nothing back
         batch[PLAN_KEY] = UnitPlan.from_batch(batch)
+
+
+def same_tokenizer(a: Any, b: Any) -> bool:
+    """Whether two tokenizers map text to the same ids (same object or same vocabulary)."""
+    return a is b or (len(a) == len(b) and a.get_vocab() == b.get_vocab())
 
 
 def pad_token_id(tokenizer: Any) -> int:

@@ -24,7 +24,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["GRANULARITIES", "LayerPair", "LayerPairLike", "parse_layer_pairs", "plan_layers"]
+__all__ = [
+    "GRANULARITIES",
+    "LayerPair",
+    "LayerPairLike",
+    "model_dims",
+    "parse_layer_pairs",
+    "plan_layers",
+]
 
 Granularity = Literal["word", "phrase"]
 GRANULARITIES: tuple[str, ...] = ("word", "phrase")
@@ -176,3 +183,10 @@ def plan_layers(
         )
         for rank, layer in enumerate(student_layers)
     ]
+
+
+def model_dims(config: Any) -> tuple[int, int]:
+    """(blocks, hidden size) of a Hugging Face model ``config`` (its text model's, for a
+    multimodal one): the range of its key layers, ``1..blocks``, and its width."""
+    text = config.get_text_config()
+    return int(text.num_hidden_layers), int(text.hidden_size)

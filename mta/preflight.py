@@ -21,7 +21,7 @@ from mta.model_sources import ModelSource, resolve_source
 if TYPE_CHECKING:
     from mta.data import Example
     from mta.layers import LayerPair
-    from mta.trainer import MTATrainingArguments
+    from mta.training_args import MTATrainingArguments
 
 __all__ = ["CheckedRun", "check_run"]
 
@@ -60,7 +60,7 @@ def _check_placeholders(config: RunConfig) -> None:
 
 
 def _training_arguments(config: RunConfig) -> MTATrainingArguments:
-    from mta.trainer import MTATrainingArguments
+    from mta.training_args import MTATrainingArguments
 
     if "output_dir" not in config.training:
         raise UserError("config key 'training.output_dir' is required (where the student goes)")
@@ -114,13 +114,15 @@ def _dims(source: ModelSource, trust_remote_code: bool) -> tuple[int, int]:
     """(layers, hidden size) from the model's config.json."""
     from transformers import AutoConfig
 
+    from mta.layers import model_dims
+
     try:
-        text = AutoConfig.from_pretrained(
+        config = AutoConfig.from_pretrained(
             source.name,
             local_files_only=source.local_files_only,
             trust_remote_code=trust_remote_code,
-        ).get_text_config()
-        return int(text.num_hidden_layers), int(text.hidden_size)
+        )
+        return model_dims(config)
     except (OSError, ValueError, AttributeError) as err:
         raise UserError(f"{source.key}: cannot read its config.json ({err})") from None
 

@@ -5,12 +5,10 @@ a base KD loss plus the MTA term (docs/design.md §2 Eq. 14)::
 
 Design:
 
-* The trainer's ``model`` is :class:`StudentWithProjectors`, an ``nn.Module`` holding the student
-  and the :class:`~mta.loss.MTALoss` (its projectors). Wrapping both is what makes multi-process
-  training correct without special cases: DDP/FSDP/DeepSpeed wrap the projectors with the student,
-  so their gradients are all-reduced (or sharded) and clipped with the student's, and the MTA loss
-  is computed inside the wrapped forward. The teacher is kept outside (frozen, ``eval()``, moved to
-  the student's device): it is neither broadcast nor checkpointed.
+* The trainer's ``model`` is :class:`~mta.student.StudentWithProjectors`, the student and the
+  :class:`~mta.loss.MTALoss` (its projectors) in one module that distributed wrappers see whole.
+  The teacher is kept outside (frozen, ``eval()``, moved to the student's device): it is neither
+  broadcast nor checkpointed.
 * Only the aligned hidden states are kept: both models run with ``output_hidden_states=True``
   and every layer not in the layer plan is dropped right after the forward.
 * The projectors get their own optimizer parameter group (``projector_learning_rate``, default
@@ -19,491 +17,58 @@ Design:
   last hidden states and LM-head weights (:func:`~mta.kd_losses.fused_linear_distillation_loss`,
   Liger-Kernel's fused linear JSD on CUDA when installed): no ``[B, T, V]`` logits exist.
 * Checkpoints and the final export hold the student as a plain Hugging Face model
-  (``save_pretrained``) with the projectors beside it in ``mta_projectors.safetensors``; resume
-  restores student, projectors, optimizer (both groups), scheduler and RNG.
+  (``save_pretrained``) with the projectors beside it (:mod:`mta.checkpoints`); resume restores
+  student, projectors, optimizer (both groups), scheduler, RNG and the student-generation state.
 * Loss normalisation matches ``transformers``' token-count convention: the base loss is summed
   over response tokens and divided by the number of response tokens of the whole optimizer step
   (all micro-batches and, with ``average_tokens_across_devices``, all processes); the MTA term is a
   mean over the examples of each micro-batch, divided by the accumulation steps. One process with
   batch ``B·N`` and ``N`` processes with batch ``B`` then take the same step.
 * Every component (``base_loss``, ``dsa``, ``hra``, ``dsa/<s>-<t>``, …, ``mta``) is averaged
-  over the logging window (and over processes) and logged next to ``loss``.
+  over the logging window (and over processes) and logged next to ``loss``
+  (:class:`~mta.metrics.LoggedMetrics`).
+* ``Trainer``'s private ``_save``, ``_load_from_checkpoint`` and ``_load_best_model`` are
+  overridden: ``transformers`` has no public hook that writes the student as a plain model from
+  the wrapper, or that loads a checkpoint into a module it did not save (``save_model`` is
+  public but also gathers FSDP/DeepSpeed state dicts before it calls ``_save``).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
-import json
 import os
-import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-import safetensors.torch
 import torch
 from torch import Tensor, nn
-from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer import TRAINING_ARGS_NAME, load_sharded_checkpoint
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, ModelOutput, logging
-
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # torch built without distributed support
-    DTensor = ()  # isinstance(x, ()) is False
+from transformers import PreTrainedModel, Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.utils import logging
 
 from mta.callbacks import print_logs_as_numbers
-from mta.data import DistillationCollator
-from mta.generation import (
-    GENERATION_MODES,
-    SAMPLED_KEY,
-    GenerationMode,
-    GenerationSettings,
-    StudentSampler,
+from mta.checkpoints import (
+    SamplerCheckpoints,
+    load_projectors,
+    load_student_weights,
+    read_sampler_state,
+    save_projectors,
 )
-from mta.kd_losses import (
-    KINDS,
-    LIGER_KINDS,
-    Kind,
-    distillation_loss,
-    fused_linear_distillation_loss,
-    liger_available,
-)
-from mta.layers import LayerPair
+from mta.data import DistillationCollator, same_tokenizer
+from mta.generation import SAMPLED_KEY, StudentSampler
+from mta.kd_losses import LIGER_KINDS, distillation_loss, liger_available
+from mta.layers import model_dims
+from mta.lm_head import fused_head_refusal, vocab_rows
 from mta.loss import MTALoss
+from mta.metrics import LoggedMetrics
+from mta.student import FusedHeadLoss, StudentWithProjectors
+from mta.training_args import MTATrainingArguments
 from mta.unit_pool import UnitPool
 
-__all__ = [
-    "PROJECTORS_NAME",
-    "FusedHeadLoss",
-    "MTATrainer",
-    "MTATrainingArguments",
-    "StudentWithProjectors",
-    "load_projectors",
-    "same_tokenizer",
-]
-
-PROJECTORS_NAME = "mta_projectors.safetensors"
-FusedHeadMode = Literal["auto", "on", "off"]
-FUSED_HEAD_MODES: tuple[str, ...] = typing.get_args(FusedHeadMode)
+__all__ = ["MTATrainer", "MTATrainingArguments"]
 
 logger = logging.get_logger(__name__)
-
-
-@dataclass
-class MTATrainingArguments(TrainingArguments):
-    """``TrainingArguments`` plus the distillation settings.
-
-    ``remove_unused_columns`` defaults to ``False`` (the batches carry unit spans the student's
-    forward does not take) and ``ddp_find_unused_parameters`` to ``False`` (every student and
-    projector parameter gets a gradient each step).
-    """
-
-    base_loss: Kind = field(
-        default="fkl", metadata={"help": f"Base distillation loss, one of {KINDS}."}
-    )
-    temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the KD."})
-    skew_alpha: float = field(default=0.1, metadata={"help": "α of skew_fkl / skew_rkl."})
-    vocab_size: int | None = field(
-        default=None,
-        metadata={
-            "help": "Truncate both logits to this many entries (teacher and student share a "
-            "tokenizer but one pads its embeddings). Default: inferred from the tokenizer."
-        },
-    )
-    projector_learning_rate: float = field(
-        default=5e-4, metadata={"help": "Learning rate of the MTA projectors' parameter group."}
-    )
-    projector_weight_decay: float = field(
-        default=0.0, metadata={"help": "Weight decay of the MTA projectors' parameter group."}
-    )
-    fused_lm_head: FusedHeadMode = field(
-        default="auto",
-        metadata={
-            "help": "Compute the base loss from the last hidden states and the LM heads chunk by "
-            "chunk (mta.kd_losses.fused_linear_distillation_loss), never materializing either "
-            "model's [B, T, V] logits. 'on' (or true): always, with Liger-Kernel's fused linear "
-            "JSD on CUDA for fkl/rkl/jsd when installed; 'auto': only when Liger-Kernel is "
-            "installed, training runs on CUDA and base_loss is fkl, rkl or jsd; 'off' (false): "
-            "never."
-        },
-    )
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={
-            "help": "Let mta-distill write into an output_dir that already holds files (without "
-            "it, such a directory is refused unless resume_from_checkpoint is set)."
-        },
-    )
-    student_generation: GenerationMode = field(
-        default="off",
-        metadata={
-            "help": f"Train on responses the student samples, one of {GENERATION_MODES}: 'off' "
-            "(the dataset's), 'on_policy' (GKD: each micro-batch with probability "
-            "generation_lmbda) or 'adaptive' (DistiLLM's replay buffer and adaptive threshold; "
-            "mta.generation)."
-        },
-    )
-    generation_lmbda: float = field(
-        default=0.5, metadata={"help": "on_policy: probability that a micro-batch is sampled."}
-    )
-    generation_temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
-    generation_top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling top-p."})
-    generation_top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
-    generation_max_new_tokens: int = field(
-        default=256,
-        metadata={"help": "Most tokens sampled per response (and at most the data's max_length)."},
-    )
-    adaptive_init_threshold: float = field(
-        default=0.0, metadata={"help": "adaptive: the initial threshold θ."}
-    )
-    adaptive_loss_eps: float = field(
-        default=0.1,
-        metadata={"help": "adaptive: rise of eval_student_ce that raises θ by adaptive_step."},
-    )
-    adaptive_step: float = field(default=0.1, metadata={"help": "adaptive: increment of θ."})
-    replay_buffer_size: int = field(
-        default=1000, metadata={"help": "adaptive: sampled examples the replay buffer keeps."}
-    )
-    unit_workers: int = field(
-        default=1,
-        metadata={
-            "help": "Processes parsing the units of sampled responses with spaCy (0: a thread "
-            "of the training process)."
-        },
-    )
-    remove_unused_columns: bool = False
-    ddp_find_unused_parameters: bool | None = False
-
-    def generation_settings(self) -> GenerationSettings:
-        """The student-generation fields as :class:`mta.generation.GenerationSettings`."""
-        return GenerationSettings(
-            mode=self.student_generation,
-            lmbda=self.generation_lmbda,
-            temperature=self.generation_temperature,
-            top_p=self.generation_top_p,
-            top_k=self.generation_top_k,
-            max_new_tokens=self.generation_max_new_tokens,
-            init_threshold=self.adaptive_init_threshold,
-            loss_eps=self.adaptive_loss_eps,
-            threshold_step=self.adaptive_step,
-            buffer_size=self.replay_buffer_size,
-            unit_workers=self.unit_workers,
-        )
-
-    def __post_init__(self) -> None:
-        if self.base_loss not in KINDS:
-            raise ValueError(f"base_loss must be one of {KINDS}, got {self.base_loss!r}")
-        if isinstance(self.fused_lm_head, bool):  # True/False from Python code
-            self.fused_lm_head = "on" if self.fused_lm_head else "off"
-        if self.fused_lm_head not in FUSED_HEAD_MODES:
-            raise ValueError(
-                f"fused_lm_head must be one of {FUSED_HEAD_MODES} (or a bool), got "
-                f"{self.fused_lm_head!r}"
-            )
-        self.generation_settings()  # validates the student-generation fields
-        if self.projector_learning_rate <= 0:
-            raise ValueError(
-                f"projector_learning_rate must be > 0, got {self.projector_learning_rate}"
-            )
-        super().__post_init__()
-
-
-@dataclass
-class StudentOutput(ModelOutput):
-    """Output of :class:`StudentWithProjectors`: student ``logits`` [B, T, V] (None with a fused
-    LM head), the base loss summed over response tokens ``base_loss_sum`` (fused LM head only,
-    else None) and, in eval mode, the student's cross-entropy on the labels ``student_ce_sum``
-    (likewise), the MTA term ``mta_loss`` (float32 scalar, or None) and its detached
-    ``mta_components``."""
-
-    logits: Tensor | None = None
-    base_loss_sum: Tensor | None = None
-    student_ce_sum: Tensor | None = None
-    mta_loss: Tensor | None = None
-    mta_components: dict[str, Tensor] | None = None
-
-
-@dataclass
-class FusedHeadLoss:
-    """What :class:`StudentWithProjectors` needs to compute the base loss from the student's
-    last hidden states instead of returning logits (``fused_lm_head``): the labels [B, T], the
-    teacher's last hidden states [B, T, d_T] and LM head (None for ``kind="ce"``) and the
-    keyword arguments of :func:`~mta.kd_losses.fused_linear_distillation_loss`."""
-
-    labels: Tensor
-    teacher_hidden: Tensor | None
-    teacher_weight: Tensor | None
-    teacher_bias: Tensor | None
-    settings: dict[str, Any]
-
-
-class StudentWithProjectors(nn.Module):
-    """The trainable part of MTA distillation: the student and the MTA loss (projectors).
-
-    Its forward runs the student, keeps only the aligned hidden states and computes the MTA term,
-    so that a distributed wrapper (DDP, FSDP, DeepSpeed) sees every trainable parameter.
-    ``loss_type``/``accepts_loss_kwargs`` tell ``transformers.Trainer`` to count response tokens
-    with the causal shift (``labels[:, 1:]``) for the loss normalisation.
-    """
-
-    loss_type = "ForCausalLM"
-    accepts_loss_kwargs = True
-    main_input_name = "input_ids"
-
-    def __init__(self, student: PreTrainedModel, mta_loss: MTALoss | None = None) -> None:
-        super().__init__()
-        self.student = student
-        self.mta_loss = mta_loss
-        # FSDP's transformer auto-wrap policy reads the block classes from here.
-        self._no_split_modules = getattr(student, "_no_split_modules", None)
-
-    @property
-    def config(self) -> Any:
-        """The student's config (``Trainer`` reads and sets ``use_cache`` and special tokens)."""
-        return self.student.config
-
-    def num_parameters(self, *args: Any, **kwargs: Any) -> int:
-        """The student's parameter count (used by ``Trainer`` for FLOP estimates)."""
-        return self.student.num_parameters(*args, **kwargs)
-
-    def activation_checkpointing_enable(self, **kwargs: Any) -> None:
-        """Forwarded to the student (``TrainingArguments.activation_checkpointing``)."""
-        self.student.activation_checkpointing_enable(**kwargs)
-
-    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
-        """Forwarded to the student (the name older ``transformers`` releases call)."""
-        self.student.gradient_checkpointing_enable(**kwargs)
-
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        teacher_hidden_states: Mapping[int, Tensor] | None = None,
-        mta_batch: Mapping[str, Tensor] | None = None,
-        fused_head_loss: FusedHeadLoss | None = None,
-    ) -> StudentOutput:
-        """Student forward + MTA term (+ the base loss with a fused LM head).
-
-        Args:
-            input_ids, attention_mask: student tokens [B, T].
-            teacher_hidden_states: ``{teacher layer: [B, T', d_T]}`` for the layer plan (no grad).
-            mta_batch: the batch's unit keys (``<g>_student_spans``, ``<g>_span_mask``, …) and
-                masks, as consumed by :class:`~mta.loss.MTALoss`.
-            fused_head_loss: compute the base loss here, from the student's last hidden states
-                and LM head (read inside this forward, where FSDP has them unsharded), instead
-                of returning logits.
-        """
-        use_mta = self.mta_loss is not None
-        kwargs = dict(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            output_hidden_states=use_mta,
-            use_cache=False,
-            return_dict=True,
-        )
-        logits = base_loss_sum = ce_sum = None
-        if fused_head_loss is None:
-            out = self.student(**kwargs)
-            logits = out.logits
-        else:
-            out = self.student.base_model(**kwargs)
-            head = self.student.get_output_embeddings()
-            loss = fused_head_loss
-            base_loss_sum = fused_linear_distillation_loss(
-                out.last_hidden_state,
-                _unsharded_weight(head),
-                loss.teacher_hidden,
-                loss.teacher_weight,
-                loss.labels,
-                reduction="sum",
-                student_bias=head.bias,
-                teacher_bias=loss.teacher_bias,
-                **loss.settings,
-            )
-            if not self.training:
-                ce_sum = _student_ce_sum(
-                    out.last_hidden_state, _unsharded_weight(head), head.bias, loss.labels
-                )
-        if not use_mta:
-            return StudentOutput(logits=logits, base_loss_sum=base_loss_sum, student_ce_sum=ce_sum)
-        if teacher_hidden_states is None or mta_batch is None:
-            raise ValueError("the MTA term needs teacher_hidden_states and mta_batch")
-        hidden = {p.student_layer: out.hidden_states[p.student_layer] for p in self.layer_pairs}
-        del out  # drop the other layers' hidden states
-        mta = self.mta_loss(hidden, teacher_hidden_states, mta_batch)
-        return StudentOutput(
-            logits=logits,
-            base_loss_sum=base_loss_sum,
-            student_ce_sum=ce_sum,
-            mta_loss=mta.loss,
-            mta_components=mta.components,
-        )
-
-    @property
-    def layer_pairs(self) -> tuple[LayerPair, ...]:
-        """The MTA layer plan (empty without an MTA loss)."""
-        return () if self.mta_loss is None else self.mta_loss.layer_pairs
-
-
-def _student_ce_sum(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor) -> Tensor:
-    """The student's cross-entropy on ``labels`` summed over response tokens, from its last
-    hidden states and LM head (no logits), without gradients."""
-    with torch.no_grad():
-        return fused_linear_distillation_loss(
-            hidden, weight, None, None, labels, kind="ce", reduction="sum", student_bias=bias
-        )
-
-
-def _unsharded_weight(head: nn.Linear) -> Tensor:
-    """The LM head's full [V, d] weight, read in the wrapper's forward without calling the head:
-    FSDP has it unsharded there only when the head belongs to the root unit."""
-    weight = head.weight
-    if isinstance(weight, DTensor) or tuple(weight.shape) != (head.out_features, head.in_features):
-        raise RuntimeError(
-            f"the student's LM head weight is sharded here ({type(weight).__name__} of shape "
-            f"{tuple(weight.shape)}): FSDP wrapped the head in a unit of its own. With "
-            "fused_lm_head the head must stay in the root unit: wrap the transformer blocks only "
-            "(fsdp_config transformer_layer_cls_to_wrap), or set fused_lm_head='off'"
-        )
-    return weight
-
-
-def _num_layers(model: PreTrainedModel) -> int:
-    config = model.config.get_text_config()
-    return int(config.num_hidden_layers)
-
-
-def _hidden_size(model: PreTrainedModel) -> int:
-    config = model.config.get_text_config()
-    return int(config.hidden_size)
-
-
-def _vocab_rows(model: PreTrainedModel) -> int:
-    """Rows of the LM head (the logits' last dimension)."""
-    head = model.get_output_embeddings()
-    if head is not None and getattr(head, "weight", None) is not None:
-        return int(head.weight.shape[0])
-    return int(model.config.get_text_config().vocab_size)
-
-
-# Config attributes of architectures whose logits are transformed after the LM head, with the
-# value that means "no transform" (Gemma 2/3 soft-capping, Cohere/Granite/Falcon-H1 scaling).
-_LOGIT_TRANSFORMS = {
-    "final_logit_softcapping": None,
-    "logit_scale": 1.0,
-    "logits_scaling": 1.0,
-    "lm_head_multiplier": 1.0,
-}
-
-
-def fused_head_refusal(model: PreTrainedModel) -> str | None:
-    """Why ``model``'s logits are not ``lm_head(base_model(...).last_hidden_state)`` (None if
-    they are): a non-``Linear`` head, no separate base model, a config that transforms logits
-    after the head, or logits that differ from the head's output on 8 tokens in eval mode (the
-    same kernel on the same rows: compared at rtol 1e-5, tighter than a soft-cap's effect)."""
-    head = model.get_output_embeddings()
-    if not isinstance(head, nn.Linear):
-        return f"its output embeddings are {type(head).__name__}, not an nn.Linear LM head"
-    base = model.base_model
-    if base is model:
-        return "it has no separate base model whose last hidden state feeds the LM head"
-    config = model.config.get_text_config()
-    for name, identity in _LOGIT_TRANSFORMS.items():
-        value = getattr(config, name, identity)
-        if value is not None and value != identity:
-            return f"its config transforms the logits after the LM head ({name}={value})"
-    embeddings = model.get_input_embeddings()
-    ids = torch.arange(min(8, head.weight.shape[0]), device=embeddings.weight.device)[None]
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            logits = model(input_ids=ids, use_cache=False, return_dict=True).logits
-            hidden = base(input_ids=ids, use_cache=False, return_dict=True).last_hidden_state
-            fused = head(hidden.to(head.weight.device))
-    finally:
-        model.train(was_training)
-    if logits.shape != fused.shape or not torch.allclose(
-        logits.float(), fused.float().to(logits.device), rtol=1e-5, atol=1e-6
-    ):
-        return (
-            "its logits are not its LM head applied to its last hidden state (a logit "
-            "soft-cap or scale after the head?)"
-        )
-    return None
-
-
-def same_tokenizer(a: Any, b: Any) -> bool:
-    """Whether two tokenizers map text to the same ids (same object or same vocabulary)."""
-    return a is b or (len(a) == len(b) and a.get_vocab() == b.get_vocab())
-
-
-def projector_metadata(mta_loss: MTALoss) -> dict[str, str]:
-    """What is needed to rebuild the projectors' module: stored in the safetensors header."""
-    return {
-        "format": "pt",
-        "student_hidden_size": str(mta_loss.student_hidden_size),
-        "teacher_hidden_size": str(mta_loss.teacher_hidden_size),
-        "layer_pairs": json.dumps(
-            [[p.student_layer, p.teacher_layer, p.granularity] for p in mta_loss.layer_pairs]
-        ),
-    }
-
-
-def load_projectors(path: str | os.PathLike[str], mta_loss: MTALoss) -> None:
-    """Load ``mta_projectors.safetensors`` (a file or the directory holding it) into ``mta_loss``.
-
-    Raises:
-        FileNotFoundError: no projector file there.
-        ValueError: the file was saved for other layers or widths.
-    """
-    path = os.fspath(path)
-    file = os.path.join(path, PROJECTORS_NAME) if os.path.isdir(path) else path
-    if not os.path.isfile(file):
-        raise FileNotFoundError(
-            f"no MTA projectors at {file!r}: checkpoints written by MTATrainer hold "
-            f"{PROJECTORS_NAME} beside the student's weights"
-        )
-    with safetensors.safe_open(file, framework="pt") as handle:
-        saved = handle.metadata() or {}
-    expected = projector_metadata(mta_loss)
-    for key in ("student_hidden_size", "teacher_hidden_size", "layer_pairs"):
-        if key in saved and saved[key] != expected[key]:
-            raise ValueError(
-                f"{file!r} holds projectors for {key}={saved[key]} but the MTA loss has "
-                f"{key}={expected[key]}; build the MTALoss with the run's layer plan"
-            )
-    state = safetensors.torch.load_file(file, device="cpu")
-    mta_loss.load_state_dict(state, strict=True)
-
-
-class _ComponentMeter:
-    """Running sums of the logged loss components (detached fp32 scalars) over a window."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.sums: dict[str, Tensor] = {}
-        self.count = 0
-
-    def add(self, values: Mapping[str, Tensor]) -> None:
-        for key, value in values.items():
-            value = value.detach().float()
-            previous = self.sums.get(key)
-            self.sums[key] = value if previous is None else previous + value
-        self.count += 1
-
-    def pop_means(self) -> tuple[list[str], Tensor | None]:
-        """(sorted keys, their means as one tensor), and reset; ``([], None)`` when empty."""
-        if not self.count:
-            return [], None
-        keys = sorted(self.sums)
-        means = torch.stack([self.sums[k] for k in keys]) / self.count
-        self.reset()
-        return keys, means
 
 
 class MTATrainer(Trainer):
@@ -591,11 +156,10 @@ class MTATrainer(Trainer):
         forward_params = inspect.signature(teacher_model.forward).parameters
         self._teacher_takes_logits_to_keep = "logits_to_keep" in forward_params
         self.fused_lm_head = self._use_fused_head()
-        self._train_components = _ComponentMeter()
-        self._eval_components = _ComponentMeter()
+        self.metrics = LoggedMetrics()
         self.sampler = self._build_sampler(unit_pool, teacher_processing_class)
         if self.sampler is not None:
-            self.add_callback(_SamplerCheckpoints(self))
+            self.add_callback(SamplerCheckpoints(self.sampler))
         print_logs_as_numbers(self)
 
     def _build_sampler(
@@ -668,16 +232,17 @@ class MTATrainer(Trainer):
             return
         if not isinstance(mta_loss, MTALoss):
             raise TypeError(f"mta_loss must be an mta.loss.MTALoss, got {type(mta_loss).__name__}")
+        student_depth, teacher_depth = model_dims(student.config)[0], model_dims(teacher.config)[0]
         for side, model, width in (
             ("student", student, mta_loss.student_hidden_size),
             ("teacher", teacher, mta_loss.teacher_hidden_size),
         ):
-            if _hidden_size(model) != width:
+            depth, hidden_size = model_dims(model.config)
+            if hidden_size != width:
                 raise ValueError(
                     f"mta_loss was built for a {side} hidden size of {width} but the {side} has "
-                    f"hidden_size={_hidden_size(model)}"
+                    f"hidden_size={hidden_size}"
                 )
-            depth = _num_layers(model)
             for pair in mta_loss.layer_pairs:
                 layer = getattr(pair, f"{side}_layer")
                 if layer > depth:
@@ -685,7 +250,7 @@ class MTATrainer(Trainer):
                         f"layer pair {pair.name} uses {side} layer {layer}, out of range: the "
                         f"{side} has {depth} layers (hidden_states indices 1..{depth}); fix "
                         "mta.layer_pairs or build the plan with mta.layers.plan_layers("
-                        f"{_num_layers(student)}, {_num_layers(teacher)})"
+                        f"{student_depth}, {teacher_depth})"
                     )
 
     def _resolve_vocab(
@@ -698,7 +263,7 @@ class MTATrainer(Trainer):
         """Vocabulary the base loss runs over (None: the logits' own, which match)."""
         if args.base_loss == "ce" or self.cross_tokenizer:
             return None
-        rows_s, rows_t = _vocab_rows(student), _vocab_rows(teacher)
+        rows_s, rows_t = vocab_rows(student), vocab_rows(teacher)
         if args.vocab_size is not None:
             return args.vocab_size
         if rows_s == rows_t:
@@ -821,6 +386,11 @@ class MTATrainer(Trainer):
                     self.accelerator.autocast,
                 )
             )
+        counts = self.sampler.counts
+        self.metrics.set_value("train", "sampled_batches", counts["sampled"])
+        self.metrics.set_value("train", "replayed_batches", counts["replayed"])
+        if self.sampler.settings.mode == "adaptive":
+            self.metrics.set_value("train", "adaptive_threshold", self.sampler.threshold.threshold)
         return super().get_batch_samples(iter(batches), len(batches), device)
 
     def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
@@ -947,34 +517,25 @@ class MTATrainer(Trainer):
                     outputs.logits.detach(), None, labels, kind="ce", reduction="sum"
                 )
             components["student_ce"] = ce_sum / num_local
-        meter = self._train_components if model.training else self._eval_components
-        meter.add(components)
+        self.metrics.add_means("train" if model.training else "eval", components)
         if return_outputs:
             return loss, {"logits": outputs.logits}
         return loss
 
     # ---- logging -----------------------------------------------------------------------
 
-    def _reduced_means(self, meter: _ComponentMeter) -> dict[str, float]:
-        """The meter's means, averaged over processes, then reset."""
-        keys, means = meter.pop_means()
-        if not keys:
-            return {}
+    def _logged(self, split: str) -> dict[str, float]:
+        """The split's metrics (:class:`~mta.metrics.LoggedMetrics`), means over processes."""
+        reduce = None
         if self.args.world_size > 1:
-            means = self.accelerator.reduce(means, reduction="mean")
-        return dict(zip(keys, means.tolist(), strict=True))
+            reduce = functools.partial(self.accelerator.reduce, reduction="mean")
+        return self.metrics.pop(split, reduce)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the loss components, averaged over the logging window (and processes), to the
-        training logs."""
+        """Add the training metrics (the loss components averaged over the logging window and
+        processes; the student-generation counters) to the training logs."""
         if "loss" in logs:
-            logs.update(self._reduced_means(self._train_components))
-            if self.sampler is not None:
-                counts = self.sampler.counts
-                logs["sampled_batches"] = counts["sampled"]
-                logs["replayed_batches"] = counts["replayed"]
-                if self.sampler.settings.mode == "adaptive":
-                    logs["adaptive_threshold"] = self.sampler.threshold.threshold
+            logs.update(self._logged("train"))
         super().log(logs, start_time)
 
     def evaluation_loop(
@@ -987,11 +548,11 @@ class MTATrainer(Trainer):
     ) -> Any:
         """Evaluation, with the loss components averaged over the evaluation batches (and
         processes) added to the metrics as ``<prefix>_base_loss``, ``<prefix>_dsa``, …"""
-        self._eval_components.reset()
+        self.metrics.reset("eval")
         output = super().evaluation_loop(
             dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
         )
-        for key, value in self._reduced_means(self._eval_components).items():
+        for key, value in self._logged("eval").items():
             output.metrics[f"{metric_key_prefix}_{key}"] = value
         return output
 
@@ -1018,13 +579,7 @@ class MTATrainer(Trainer):
             }
         wrapper.student.save_pretrained(output_dir, state_dict=student_state)
         if wrapper.mta_loss is not None:
-            if projector_state is None:
-                projector_state = wrapper.mta_loss.state_dict()
-            safetensors.torch.save_file(
-                {k: v.detach().contiguous().cpu() for k, v in projector_state.items()},
-                os.path.join(output_dir, PROJECTORS_NAME),
-                metadata=projector_metadata(wrapper.mta_loss),
-            )
+            save_projectors(output_dir, wrapper.mta_loss, projector_state)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
@@ -1039,30 +594,13 @@ class MTATrainer(Trainer):
         whole wrapped module, student and projectors: those go through ``Trainer``'s loader.
         """
         if self.sampler is not None:
-            self.sampler.load_state_dict(_read_sampler_state(resume_from_checkpoint, self.args))
+            state = read_sampler_state(resume_from_checkpoint, self.args.process_index)
+            self.sampler.load_state_dict(state)
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
             return
         wrapper = self.accelerator.unwrap_model(model if model is not None else self.model)
-        student = wrapper.student
-        single = os.path.join(resume_from_checkpoint, SAFE_WEIGHTS_NAME)
-        if os.path.isfile(single):
-            state = safetensors.torch.load_file(single, device="cpu")
-            result = student.load_state_dict(state, strict=False)
-        elif os.path.isfile(os.path.join(resume_from_checkpoint, SAFE_WEIGHTS_INDEX_NAME)):
-            result = load_sharded_checkpoint(student, resume_from_checkpoint, strict=False)
-        else:
-            raise ValueError(
-                f"no student weights ({SAFE_WEIGHTS_NAME}) in checkpoint {resume_from_checkpoint!r}"
-            )
-        # Keys of tied parameters (lm_head ↔ embeddings) are not saved; anything else must be.
-        own = {name for name, _ in student.named_parameters()}
-        missing = [k for k in result.missing_keys if k in own]
-        if missing or result.unexpected_keys:
-            raise ValueError(
-                f"checkpoint {resume_from_checkpoint!r} does not match the student: missing "
-                f"{missing}, unexpected {list(result.unexpected_keys)}"
-            )
+        load_student_weights(resume_from_checkpoint, wrapper.student)
         if wrapper.mta_loss is not None:
             load_projectors(resume_from_checkpoint, wrapper.mta_loss)
 
@@ -1071,46 +609,3 @@ class MTATrainer(Trainer):
             super()._load_best_model()  # their own checkpoint files (see _load_from_checkpoint)
         else:
             self._load_from_checkpoint(self.state.best_model_checkpoint)
-
-
-def sampler_state_name(process_index: int) -> str:
-    """The file of one process's :class:`~mta.generation.StudentSampler` state in a checkpoint."""
-    return f"mta_student_generation-rank{process_index}.json"
-
-
-def _read_sampler_state(checkpoint: str, args: TrainingArguments) -> dict[str, Any]:
-    path = os.path.join(checkpoint, sampler_state_name(args.process_index))
-    if not os.path.isfile(path):
-        raise ValueError(
-            f"checkpoint {checkpoint!r} has no student-generation state for process "
-            f"{args.process_index} ({os.path.basename(path)}): it was written without "
-            "student_generation or by fewer processes; resume with the run's settings"
-        )
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-class _SamplerCheckpoints(TrainerCallback):
-    """Writes each process's sampler state into every checkpoint ``MTATrainer`` saves, and
-    stops the unit workers when training ends."""
-
-    def __init__(self, trainer: MTATrainer) -> None:
-        self.trainer = trainer
-
-    def on_save(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
-        sampler = self.trainer.sampler
-        if sampler is None:
-            return
-        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        # every process writes its own file; the first to get here creates the folder
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, sampler_state_name(args.process_index))
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(sampler.state_dict(), f)
-
-    def on_train_end(
-        self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any
-    ) -> None:
-        sampler = self.trainer.sampler
-        if sampler is not None and sampler.units is not None:
-            sampler.units.close()

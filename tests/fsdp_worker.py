@@ -34,10 +34,11 @@ from training_helpers import RECORDS, gpt2, make_tokenizer, regex_units
 from transformers import GPT2LMHeadModel
 
 import mta_kernels
+from mta.checkpoints import load_projectors
 from mta.data import DistillationCollator, DistillationDataset, format_record, pad_token_id
 from mta.layers import plan_layers
 from mta.loss import MTALoss
-from mta.trainer import MTATrainer, MTATrainingArguments, load_projectors
+from mta.trainer import MTATrainer, MTATrainingArguments
 
 
 def build_trainer(output_dir: str, fused_lm_head: str, **settings: Any) -> MTATrainer:

@@ -19,13 +19,13 @@ import safetensors.torch
 import yaml
 from training_helpers import CONFIGS, RECORDS, TINY, gpt2, make_tokenizer, write_tiny_run
 
+from mta.checkpoints import PROJECTORS_NAME
 from mta.cli import CONFIG_NAME, build_trainer, main
 from mta.config import load_config
 from mta.data import format_record
 from mta.errors import UserError
 from mta.evaluate import generate, rouge_l
 from mta.evaluate import main as eval_main
-from mta.trainer import PROJECTORS_NAME
 
 pytestmark = pytest.mark.usefixtures("eager_mta_ops")
 

@@ -19,9 +19,9 @@ import torch
 from training_helpers import RECORDS, TINY, torchrun, write_tiny_run
 
 import mta_kernels
+from mta.checkpoints import PROJECTORS_NAME, sampler_state_name
 from mta.cli import run
 from mta.config import load_config
-from mta.trainer import PROJECTORS_NAME, sampler_state_name
 
 # 8 examples with different response lengths: two optimizer steps of a global batch of 4.
 DDP_RECORDS = [r for r in RECORDS if "text" not in r][:4] * 2

@@ -18,7 +18,7 @@ import safetensors.torch
 import torch
 from training_helpers import torchrun
 
-from mta.trainer import PROJECTORS_NAME
+from mta.checkpoints import PROJECTORS_NAME
 
 TESTS = Path(__file__).resolve().parent
 

@@ -25,6 +25,7 @@ from training_helpers import (
     tokenizer_pair,
 )
 
+from mta.checkpoints import sampler_state_name
 from mta.data import (
     DistillationCollator,
     DistillationDataset,
@@ -44,7 +45,7 @@ from mta.generation import (
 from mta.layers import plan_layers
 from mta.loss import MTALoss
 from mta.spans import extract_units
-from mta.trainer import MTATrainer, MTATrainingArguments, sampler_state_name
+from mta.trainer import MTATrainer, MTATrainingArguments
 from mta.unit_pool import UnitPool
 
 pytest.importorskip("spacy")

@@ -33,16 +33,12 @@ from transformers import (
     HfArgumentParser,
 )
 
+from mta.checkpoints import PROJECTORS_NAME, load_projectors
 from mta.data import DistillationCollator, DistillationDataset, format_record, pad_token_id
 from mta.layers import LayerPair, plan_layers
+from mta.lm_head import fused_head_refusal
 from mta.loss import MTALoss
-from mta.trainer import (
-    PROJECTORS_NAME,
-    MTATrainer,
-    MTATrainingArguments,
-    fused_head_refusal,
-    load_projectors,
-)
+from mta.trainer import MTATrainer, MTATrainingArguments
 
 EXAMPLES = [format_record(r) for r in RECORDS]
 MAX_LENGTH = 192  # every example's prompt and response fit
