@@ -7,8 +7,8 @@ Design:
 
 * The trainer's ``model`` is :class:`~mta.student.StudentWithProjectors`, the student and the
   :class:`~mta.loss.MTALoss` (its projectors) in one module that distributed wrappers see whole.
-  The teacher is kept outside (frozen, ``eval()``, moved to the student's device): it is neither
-  broadcast nor checkpointed.
+  The teacher is kept outside (frozen, prepared for evaluation by :mod:`mta.teacher`): it is
+  neither broadcast nor checkpointed.
 * Only the aligned hidden states are kept: both models run with ``output_hidden_states=True``
   and every layer not in the layer plan is dropped right after the forward.
 * The projectors get their own optimizer parameter group (``projector_learning_rate``, default
@@ -63,6 +63,7 @@ from mta.lm_head import fused_head_refusal, vocab_rows
 from mta.loss import MTALoss
 from mta.metrics import LoggedMetrics
 from mta.student import FusedHeadLoss, StudentWithProjectors
+from mta.teacher import prepare_teacher
 from mta.training_args import MTATrainingArguments
 from mta.unit_pool import UnitPool
 
@@ -76,8 +77,10 @@ class MTATrainer(Trainer):
 
     Args:
         model: the student (``PreTrainedModel`` with an LM head); trained.
-        teacher_model: the teacher; frozen (``requires_grad_(False)``, ``eval()``) and moved to
-            the training device unless it was dispatched with a ``device_map``.
+        teacher_model: the teacher; frozen (``requires_grad_(False)``, ``eval()``) and prepared
+            by ``accelerate`` for evaluation only (:func:`mta.teacher.prepare_teacher`: on the
+            training device, partitioned with DeepSpeed ZeRO-3, or left where a ``device_map``
+            put it).
         args: :class:`MTATrainingArguments`.
         mta_loss: the :class:`~mta.loss.MTALoss` (layer plan and projectors), or None for the
             base loss alone.
@@ -126,9 +129,6 @@ class MTATrainer(Trainer):
             )
         self._check_layer_plan(model, teacher_model, mta_loss)
         self.vocab_size = self._resolve_vocab(model, teacher_model, args, processing_class)
-        teacher_model.requires_grad_(False)
-        teacher_model.eval()
-        self.teacher = teacher_model
         super().__init__(
             model=StudentWithProjectors(model, mta_loss),
             args=args,
@@ -151,8 +151,7 @@ class MTATrainer(Trainer):
                 "DeepSpeed need CUDA devices): this run uses plain data parallelism",
                 self.accelerator.distributed_type,
             )
-        if getattr(teacher_model, "hf_device_map", None) is None:
-            self.teacher.to(self.args.device)
+        self.teacher = prepare_teacher(teacher_model, self.accelerator)
         forward_params = inspect.signature(teacher_model.forward).parameters
         self._teacher_takes_logits_to_keep = "logits_to_keep" in forward_params
         self.fused_lm_head = self._use_fused_head()

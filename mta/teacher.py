@@ -1,0 +1,104 @@
+"""The frozen teacher, placed where the training run needs it.
+
+:func:`prepare_teacher` freezes the teacher and hands it to ``accelerate`` as a model that is
+only evaluated, as TRL prepares its teachers and reference models:
+
+* a teacher dispatched with a ``device_map`` stays where it was put;
+* with DeepSpeed ZeRO stage 3 it becomes a DeepSpeed inference engine whose parameters are
+  partitioned across the processes like the student's (:func:`zero3_inference_config`), so that a
+  teacher larger than one device's memory can be used;
+* otherwise ``Accelerator.prepare_model(..., evaluation_mode=True)`` places it on the training
+  device (FSDP included, where ``accelerate`` leaves placement to the sharding it then skips), and
+  its forward is left unwrapped: the trainer runs the teacher under the same autocast as the
+  student, and ``accelerate``'s wrapper would also cast every output to float32, all layers'
+  hidden states included.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from mta.layers import model_dims
+
+__all__ = ["prepare_teacher", "zero3_inference_config"]
+
+# DeepSpeed config sections that only make sense for a model that is trained.
+_TRAINING_ONLY = ("optimizer", "scheduler", "gradient_clipping")
+_ZERO_TRAINING_ONLY = ("offload_optimizer",)
+
+
+def zero3_inference_config(training_config: Mapping[str, Any], hidden_size: int) -> dict[str, Any]:
+    """The DeepSpeed config of a frozen ZeRO-3 model, from the run's training config.
+
+    The batch sizes, precision and ZeRO-3 parameter settings (offload, gathering thresholds)
+    are kept, so the teacher is partitioned as the student is; the optimizer, the scheduler,
+    gradient clipping and optimizer offload are dropped (a frozen model has none). The bucket
+    sizes left ``"auto"`` get the values ``transformers`` gives them for a model of width
+    ``hidden_size`` (the teacher's).
+
+    Raises:
+        ValueError: the training config is not ZeRO stage 3, or it still has an ``"auto"``
+            value this function cannot resolve.
+    """
+    stage = training_config.get("zero_optimization", {}).get("stage", 0)
+    if stage != 3:
+        raise ValueError(f"a ZeRO-3 teacher needs a ZeRO stage 3 training config, got {stage}")
+    config = copy.deepcopy(dict(training_config))
+    for key in _TRAINING_ONLY:
+        config.pop(key, None)
+    zero = config["zero_optimization"]
+    for key in _ZERO_TRAINING_ONLY:
+        zero.pop(key, None)
+    for key, value in (
+        ("reduce_bucket_size", hidden_size * hidden_size),
+        ("stage3_prefetch_bucket_size", int(0.9 * hidden_size * hidden_size)),
+        ("stage3_param_persistence_threshold", 10 * hidden_size),
+    ):
+        if zero.get(key) == "auto":
+            zero[key] = value
+    unresolved = sorted(_auto_keys(config))
+    if unresolved:
+        raise ValueError(
+            f"the DeepSpeed config still has 'auto' for {unresolved}: the teacher's ZeRO-3 "
+            "engine needs them resolved (set them in the config)"
+        )
+    return config
+
+
+def _auto_keys(config: Mapping[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            keys += _auto_keys(value, f"{prefix}{key}.")
+        elif value == "auto":
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def prepare_teacher(teacher: nn.Module, accelerator: Any) -> nn.Module:
+    """``teacher`` frozen (no gradients, eval mode) and placed for ``accelerator``'s run (see the
+    module docstring); the returned module is what the trainer calls."""
+    teacher.requires_grad_(False)
+    teacher.eval()
+    if getattr(teacher, "hf_device_map", None) is not None:
+        return teacher
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and getattr(plugin, "zero_stage", None) == 3:
+        import deepspeed
+
+        config = zero3_inference_config(plugin.deepspeed_config, model_dims(teacher.config)[1])
+        engine, *_ = deepspeed.initialize(model=teacher, config=config)
+        engine.eval()
+        return engine
+    prepared = accelerator.prepare_model(teacher, device_placement=True, evaluation_mode=True)
+    # Mixed precision rebinds ``forward`` on the instance (autocast, then every output cast to
+    # float32). The trainer already autocasts the teacher, and the cast would copy every layer's
+    # hidden states, so the class's own forward is restored. ``unwrap_model(keep_fp32_wrapper=
+    # False)`` is not used: it unwraps ``__wrapped__`` past transformers' own decorators.
+    prepared.__dict__.pop("forward", None)
+    prepared.__dict__.pop("_original_forward", None)
+    return prepared
