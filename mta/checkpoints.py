@@ -4,7 +4,9 @@ reads back on resume.
 * ``mta_projectors.safetensors`` (:data:`PROJECTORS_NAME`): the MTA loss's projectors, with the
   widths and layer plan they were built for in the header (:func:`save_projectors`,
   :func:`load_projectors`).
-* The student's own weights as ``save_pretrained`` wrote them (:func:`load_student_weights`).
+* The student's own weights as ``save_pretrained`` wrote them (:func:`load_student_weights`):
+  a plain Hugging Face model, or for a ``peft`` student its adapter (``adapter_model.safetensors``
+  and ``adapter_config.json``, which ``peft.PeftModel.from_pretrained`` loads).
 * ``mta_student_generation-rank<r>.json``: each process's student-generation state (generator,
   threshold, replay buffer), written by :class:`SamplerCheckpoints`.
 """
@@ -23,6 +25,7 @@ from transformers.trainer import load_sharded_checkpoint
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
+from mta.adapters import is_peft_model
 from mta.generation import StudentSampler
 from mta.loss import MTALoss
 
@@ -96,8 +99,12 @@ def save_projectors(
 
 
 def load_student_weights(checkpoint: str, student: nn.Module) -> None:
-    """Load the student's weights from a checkpoint's ``model.safetensors`` (or its sharded
-    index), refusing any missing or unexpected key but the tied ones ``save_pretrained`` omits."""
+    """Load the student's weights from a checkpoint: ``model.safetensors`` (or its sharded
+    index), refusing any missing or unexpected key but the tied ones ``save_pretrained`` omits;
+    for a ``peft.PeftModel`` its active adapter's ``adapter_model.safetensors``."""
+    if is_peft_model(student):
+        _load_adapter_weights(checkpoint, student)
+        return
     single = os.path.join(checkpoint, SAFE_WEIGHTS_NAME)
     if os.path.isfile(single):
         state = safetensors.torch.load_file(single, device="cpu")
@@ -112,6 +119,29 @@ def load_student_weights(checkpoint: str, student: nn.Module) -> None:
     if missing or result.unexpected_keys:
         raise ValueError(
             f"checkpoint {checkpoint!r} does not match the student: missing "
+            f"{missing}, unexpected {list(result.unexpected_keys)}"
+        )
+
+
+def _load_adapter_weights(checkpoint: str, student: nn.Module) -> None:
+    from peft import set_peft_model_state_dict
+    from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME
+
+    file = os.path.join(checkpoint, ADAPTER_WEIGHTS_NAME)
+    if not os.path.isfile(file):
+        raise ValueError(
+            f"no adapter weights ({ADAPTER_WEIGHTS_NAME}) in checkpoint {checkpoint!r}, but the "
+            "student is a peft model: resume from a checkpoint of the same LoRA run"
+        )
+    state = safetensors.torch.load_file(file, device="cpu")
+    name = student.active_adapter
+    trainable = {k for k, p in student.named_parameters() if p.requires_grad}
+    result = set_peft_model_state_dict(student, state, adapter_name=name)
+    # every trainable parameter (the adapter, modules_to_save) must have been in the file
+    missing = sorted(k for k in result.missing_keys if k in trainable)
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"checkpoint {checkpoint!r} does not match the student's adapter {name!r}: missing "
             f"{missing}, unexpected {list(result.unexpected_keys)}"
         )
 

@@ -101,6 +101,7 @@ def build_trainer(config: RunConfig) -> MTATrainer:
 def _build(checked: CheckedRun) -> MTATrainer:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from mta.adapters import lora_config, merge_teacher_adapter
     from mta.data import (
         DistillationCollator,
         DistillationDataset,
@@ -178,6 +179,12 @@ def _build(checked: CheckedRun) -> MTATrainer:
     student = load(
         AutoModelForCausalLM, checked.student, dtype=_dtype(m.student_dtype), **model_kwargs
     )
+    if m.teacher_adapter is not None:
+        teacher = merge_teacher_adapter(teacher, m.teacher_adapter)
+    if m.student_lora is not None:
+        from peft import get_peft_model
+
+        student = get_peft_model(student, lora_config(m.student_lora))
     mta_loss = None
     if checked.layer_pairs is not None:
         mta_loss = MTALoss(

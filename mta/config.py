@@ -112,6 +112,11 @@ class ModelConfig:
     student_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
     attn_implementation: str | None = None
     trust_remote_code: bool = False
+    teacher_adapter: str | None = None
+    """Directory of a PEFT (LoRA) adapter of the teacher, merged into it before training."""
+    student_lora: dict[str, Any] | None = None
+    """``peft.LoraConfig`` fields (``r``, ``lora_alpha``, ``target_modules``, ``lora_dropout``,
+    …): the student trains a LoRA adapter only, and checkpoints hold the adapter."""
 
 
 @dataclass

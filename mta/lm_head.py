@@ -4,13 +4,21 @@ calling it, and when it must not.
 
 * :func:`fused_head_refusal` says why a model's logits are not ``lm_head(last hidden state)``
   (then the fused loss would train on something else than the model's logits).
-* :func:`unsharded_weight` reads the head's full weight inside a wrapped forward.
+* :func:`decoder` is the module whose last hidden state feeds the head (through a PEFT wrapper).
+* :func:`head_weight_and_bias` is the ``[V, d]`` weight and bias the head applies. With a PEFT
+  LoRA adapter on the head it is ``W + Σ_a s_a·B_a·A_a`` (and ``b + Σ_a s_a·b_{B,a}``), built
+  from the adapter's parameters, so the fused loss trains the adapter exactly as the head's own
+  forward would. That materializes one more ``[V, d]`` tensor per forward; an adapter with
+  dropout on its input, a LoRA variant (DoRA) or ``fan_in_fan_out`` cannot be written as one
+  weight and is refused by name.
+* :func:`unsharded_weight` reads a plain head's full weight inside a wrapped forward.
 * :func:`vocab_rows` is the logits' width.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
@@ -19,7 +27,65 @@ try:
 except ImportError:  # torch built without distributed support
     DTensor = ()  # isinstance(x, ()) is False
 
-__all__ = ["fused_head_refusal", "unsharded_weight", "vocab_rows"]
+from mta.adapters import BaseTunerLayer, LoraLayer, is_peft_model
+
+__all__ = [
+    "decoder",
+    "fused_head_refusal",
+    "head_weight_and_bias",
+    "lora_head_refusal",
+    "unsharded_weight",
+    "vocab_rows",
+]
+
+
+def decoder(model: nn.Module) -> nn.Module | None:
+    """The module of ``model`` whose ``last_hidden_state`` its LM head reads: the Hugging Face
+    ``base_model`` (of the wrapped model, for a ``peft.PeftModel``); None when the model has no
+    separate one."""
+    inner = model.get_base_model() if is_peft_model(model) else model
+    base = inner.base_model
+    return None if base is inner else base
+
+
+def lora_head_refusal(head: nn.Module) -> str | None:
+    """Why a PEFT LoRA head's output is not ``x·W_eff^T + b_eff`` (None if it is)."""
+    if head.fan_in_fan_out:
+        return "its LoRA adapter has fan_in_fan_out=True (a transposed base weight)"
+    for name in _active_adapters(head):
+        if name in head.lora_variant:
+            variant = type(head.lora_variant[name]).__name__
+            return f"its LoRA adapter {name!r} is a variant ({variant}, e.g. DoRA)"
+        dropout = head.lora_dropout[name]
+        if isinstance(dropout, nn.Dropout) and dropout.p > 0:
+            return (
+                f"its LoRA adapter {name!r} has lora_dropout={dropout.p}, which drops the "
+                "adapter's input only and cannot be folded into one weight: give the LM head's "
+                "adapter lora_dropout=0"
+            )
+    return None
+
+
+def _active_adapters(head: nn.Module) -> list[str]:
+    if head.disable_adapters or head.merged:
+        return []
+    return [name for name in head.active_adapters if name in head.lora_A]
+
+
+def head_weight_and_bias(head: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """The weight ``[V, d]`` and bias ``[V]`` (or None) the LM head applies (module docstring);
+    differentiable in the adapter's parameters."""
+    if not isinstance(head, LoraLayer):
+        return unsharded_weight(head), head.bias
+    base = head.get_base_layer()
+    weight, bias = unsharded_weight(base), base.bias
+    for name in _active_adapters(head):
+        lora_a, lora_b, scaling = head.lora_A[name], head.lora_B[name], head.scaling[name]
+        weight = weight + (lora_b.weight @ lora_a.weight * scaling).to(weight.dtype)
+        if lora_b.bias is not None:
+            delta = (lora_b.bias * scaling).to(weight.dtype)
+            bias = delta if bias is None else bias + delta
+    return weight, bias
 
 
 def unsharded_weight(head: nn.Linear) -> Tensor:
@@ -55,15 +121,21 @@ _LOGIT_TRANSFORMS = {
 
 
 def fused_head_refusal(model: PreTrainedModel) -> str | None:
-    """Why ``model``'s logits are not ``lm_head(base_model(...).last_hidden_state)`` (None if
-    they are): a non-``Linear`` head, no separate base model, a config that transforms logits
-    after the head, or logits that differ from the head's output on 8 tokens in eval mode (the
-    same kernel on the same rows: compared at rtol 1e-5, tighter than a soft-cap's effect)."""
+    """Why ``model``'s logits are not ``last_hidden_state·W^T + b`` with the weight and bias of
+    :func:`head_weight_and_bias` (None if they are): a head that is neither an ``nn.Linear`` nor
+    a foldable LoRA adapter on one, no separate base model, a config that transforms logits
+    after the head, or logits that differ from that product on 8 tokens in eval mode (the same
+    rows through one matmul: compared at rtol 1e-5, tighter than a soft-cap's effect)."""
     head = model.get_output_embeddings()
-    if not isinstance(head, nn.Linear):
+    if isinstance(head, LoraLayer):
+        if (reason := lora_head_refusal(head)) is not None:
+            return reason
+    elif isinstance(head, BaseTunerLayer):
+        return f"its LM head carries a PEFT {type(head).__name__} adapter, not LoRA"
+    elif not isinstance(head, nn.Linear):
         return f"its output embeddings are {type(head).__name__}, not an nn.Linear LM head"
-    base = model.base_model
-    if base is model:
+    base = decoder(model)
+    if base is None:
         return "it has no separate base model whose last hidden state feeds the LM head"
     config = model.config.get_text_config()
     for name, identity in _LOGIT_TRANSFORMS.items():
@@ -78,7 +150,8 @@ def fused_head_refusal(model: PreTrainedModel) -> str | None:
         with torch.no_grad():
             logits = model(input_ids=ids, use_cache=False, return_dict=True).logits
             hidden = base(input_ids=ids, use_cache=False, return_dict=True).last_hidden_state
-            fused = head(hidden.to(head.weight.device))
+            weight, bias = head_weight_and_bias(head)
+            fused = F.linear(hidden.to(weight.device), weight, bias)
     finally:
         model.train(was_training)
     if logits.shape != fused.shape or not torch.allclose(

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mta.config import PLACEHOLDER, RunConfig, placeholder_keys
+from mta.config import PLACEHOLDER, ModelConfig, RunConfig, placeholder_keys
 from mta.errors import UserError
 from mta.model_sources import ModelSource, resolve_source
 
@@ -127,6 +127,21 @@ def _dims(source: ModelSource, trust_remote_code: bool) -> tuple[int, int]:
         raise UserError(f"{source.key}: cannot read its config.json ({err})") from None
 
 
+def _check_adapters(m: ModelConfig) -> None:
+    """``model.teacher_adapter`` and ``model.student_lora``, before any model is loaded."""
+    from mta.adapters import check_teacher_adapter, lora_config
+
+    for key, check, value in (
+        ("model.teacher_adapter", check_teacher_adapter, m.teacher_adapter),
+        ("model.student_lora", lora_config, m.student_lora),
+    ):
+        if value is not None:
+            try:
+                check(value)
+            except (ImportError, OSError, ValueError) as err:
+                raise UserError(f"{key}: {err}") from None
+
+
 def _layer_pairs(
     config: RunConfig, student: tuple[int, int], teacher: tuple[int, int]
 ) -> list[LayerPair]:
@@ -209,6 +224,7 @@ def check_run(config: RunConfig) -> CheckedRun:
     student = resolve_source("model.student", m.student)
     teacher_tokenizer = _tokenizer_source("teacher", m.teacher_tokenizer, m.teacher)
     student_tokenizer = _tokenizer_source("student", m.student_tokenizer, m.student)
+    _check_adapters(m)
     teacher_dims = _dims(teacher, m.trust_remote_code)
     student_dims = _dims(student, m.trust_remote_code)
     use_mta = config.mta.enabled and (config.mta.lambda_dsa > 0 or config.mta.lambda_hra > 0)

@@ -20,7 +20,7 @@ from transformers.utils import ModelOutput
 
 from mta.kd_losses import fused_linear_distillation_loss
 from mta.layers import LayerPair
-from mta.lm_head import unsharded_weight
+from mta.lm_head import decoder, head_weight_and_bias
 from mta.loss import MTALoss
 
 __all__ = ["FusedHeadLoss", "StudentOutput", "StudentWithProjectors"]
@@ -124,24 +124,22 @@ class StudentWithProjectors(nn.Module):
             out = self.student(**kwargs)
             logits = out.logits
         else:
-            out = self.student.base_model(**kwargs)
-            head = self.student.get_output_embeddings()
+            out = decoder(self.student)(**kwargs)
+            weight, bias = head_weight_and_bias(self.student.get_output_embeddings())
             loss = fused_head_loss
             base_loss_sum = fused_linear_distillation_loss(
                 out.last_hidden_state,
-                unsharded_weight(head),
+                weight,
                 loss.teacher_hidden,
                 loss.teacher_weight,
                 loss.labels,
                 reduction="sum",
-                student_bias=head.bias,
+                student_bias=bias,
                 teacher_bias=loss.teacher_bias,
                 **loss.settings,
             )
             if not self.training:
-                ce_sum = _student_ce_sum(
-                    out.last_hidden_state, unsharded_weight(head), head.bias, loss.labels
-                )
+                ce_sum = _student_ce_sum(out.last_hidden_state, weight, bias, loss.labels)
         if not use_mta:
             return StudentOutput(logits=logits, base_loss_sum=base_loss_sum, student_ce_sum=ce_sum)
         if teacher_hidden_states is None or mta_batch is None:

@@ -59,7 +59,7 @@ from mta.data import DistillationCollator, same_tokenizer
 from mta.generation import SAMPLED_KEY, StudentSampler
 from mta.kd_losses import LIGER_KINDS, distillation_loss, liger_available
 from mta.layers import model_dims
-from mta.lm_head import fused_head_refusal, vocab_rows
+from mta.lm_head import decoder, fused_head_refusal, head_weight_and_bias, vocab_rows
 from mta.loss import MTALoss
 from mta.metrics import LoggedMetrics
 from mta.student import FusedHeadLoss, StudentWithProjectors
@@ -416,7 +416,7 @@ class MTATrainer(Trainer):
             self.teacher.eval()
         model, kwargs = self.teacher, {}
         if self.fused_lm_head:
-            model = self.teacher.base_model  # no logits at all
+            model = decoder(self.teacher)  # no logits at all
         elif not need_base and self._teacher_takes_logits_to_keep:
             kwargs["logits_to_keep"] = 1
         # Autocast as the student's forward (bf16/fp16 mixed precision): a teacher kept in fp32
@@ -473,14 +473,10 @@ class MTATrainer(Trainer):
         }
         fused = None
         if self.fused_lm_head:
-            head = self.teacher.get_output_embeddings() if teacher_base is not None else None
-            fused = FusedHeadLoss(
-                labels,
-                teacher_base,
-                None if head is None else head.weight,
-                None if head is None else head.bias,
-                kd,
-            )
+            weight = bias = None
+            if teacher_base is not None:
+                weight, bias = head_weight_and_bias(self.teacher.get_output_embeddings())
+            fused = FusedHeadLoss(labels, teacher_base, weight, bias, kd)
         outputs = model(
             input_ids=inputs["input_ids"],
             attention_mask=inputs["attention_mask"],

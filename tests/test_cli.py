@@ -234,3 +234,27 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         out / "kd" / PROJECTORS_NAME
     ).exists()
     assert any(cache.glob("demo-teacher-*/model.safetensors"))
+
+
+def test_lora_student_and_merged_teacher_adapter(tmp_path):
+    """``model.student_lora`` trains a LoRA student (its export is the adapter, which peft
+    loads); ``model.teacher_adapter`` merges a LoRA adapter into the teacher first."""
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("spacy")
+    overrides = write_tiny_run(tmp_path)
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher")
+    config = peft.LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False)
+    peft.get_peft_model(teacher, config).save_pretrained(tmp_path / "teacher_adapter")
+    lora = "{r: 4, lora_alpha: 8, lora_dropout: 0.0, target_modules: [c_attn, lm_head]}"
+    argv = [*overrides, f"model.teacher_adapter={tmp_path / 'teacher_adapter'}"]
+    assert main(["--config", TINY, *argv, f"model.student_lora={lora}"]) == 0
+    out = tmp_path / "out"
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", PROJECTORS_NAME} <= names
+    assert "model.safetensors" not in names
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    student = peft.PeftModel.from_pretrained(base, out)
+    trained = {k for k, _ in student.named_parameters() if "lora_" in k}
+    assert any("lm_head" in k for k in trained) and any("c_attn" in k for k in trained)

@@ -188,6 +188,16 @@ MISTAKES = {
         _distill(training__student_generation="always"),
         "config key 'training.student_generation' must be one of ['off', 'on_policy', 'adaptive']",
     ),
+    "teacher adapter that is not an adapter folder": Mistake(
+        "mta-distill",
+        _distill(model__teacher_adapter="{tmp}"),
+        "model.teacher_adapter: '{tmp}' is not a PEFT adapter directory (no adapter_config.json)",
+    ),
+    "student LoRA with an unknown field": Mistake(
+        "mta-distill",
+        _distill(model__student_lora="{{r: 4, rank_dropout: 0.1}}"),
+        "model.student_lora: not a peft.LoraConfig field:",
+    ),
     "unknown key": Mistake(
         "mta-distill", _distill(mta__lamda_dsa="3"), "Did you mean 'mta.lambda_dsa'?"
     ),

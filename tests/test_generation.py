@@ -22,6 +22,7 @@ from training_helpers import (
     llama,
     regex_units,
     tiny_run_arguments,
+    tiny_trainer,
     tokenizer_pair,
 )
 
@@ -42,8 +43,6 @@ from mta.generation import (
     SampledExample,
     StudentSampler,
 )
-from mta.layers import plan_layers
-from mta.loss import MTALoss
 from mta.spans import extract_units
 from mta.trainer import MTATrainer, MTATrainingArguments
 from mta.unit_pool import UnitPool
@@ -315,20 +314,14 @@ def make_trainer(tmp_path, toks, pool, kind="gpt2", dropout=0.0, **overrides):
         "unit_workers": 0,
         **overrides,
     }
-    collator = DistillationCollator(
-        pad_token_id(tok),
-        None if teacher_tok is None else pad_token_id(teacher_tok),
+    return tiny_trainer(
+        teacher,
+        student,
+        tok,
+        dataset,
+        settings,
+        teacher_tok=teacher_tok,
         with_examples=True,
-    )
-    return MTATrainer(
-        model=student,
-        teacher_model=teacher,
-        args=MTATrainingArguments(**settings),
-        mta_loss=MTALoss(32, 48, plan_layers(2, 4, num_key_layers=2)),
-        processing_class=tok,
-        teacher_processing_class=teacher_tok,
-        data_collator=collator,
-        train_dataset=dataset,
         eval_dataset=dataset,
         unit_pool=pool,
     )

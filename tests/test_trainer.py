@@ -24,6 +24,7 @@ from training_helpers import (
     llama,
     regex_units,
     tiny_run_arguments,
+    tiny_trainer,
     tokenizer_pair,
 )
 from transformers import (
@@ -72,26 +73,12 @@ def make_trainer(tmp_path, kind, toks, mta=True, student_dropout=0.0, **override
     dataset = DistillationDataset(
         EXAMPLES, tok, MAX_LENGTH, teacher_tokenizer=teacher_tok, units=units
     )
-    pairs = plan_layers(2, 4, num_key_layers=2)
-    mta_loss = MTALoss(32, 48, pairs) if mta else None
     settings = {
         **tiny_run_arguments(tmp_path, teacher_tok, "fkl"),
         "per_device_train_batch_size": 3,
         **overrides,
     }
-    collator = DistillationCollator(
-        pad_token_id(tok), pad_token_id(teacher_tok) if teacher_tok is not None else None
-    )
-    return MTATrainer(
-        model=student,
-        teacher_model=teacher,
-        args=MTATrainingArguments(**settings),
-        mta_loss=mta_loss,
-        processing_class=tok,
-        teacher_processing_class=teacher_tok,
-        data_collator=collator,
-        train_dataset=dataset,
-    )
+    return tiny_trainer(teacher, student, tok, dataset, settings, teacher_tok=teacher_tok, mta=mta)
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "cross"])

@@ -94,6 +94,43 @@ def tiny_run_arguments(output_dir, teacher_tokenizer, base_loss: str) -> dict:
     }
 
 
+def tiny_trainer(
+    teacher,
+    student,
+    tok,
+    dataset,
+    arguments: dict,
+    *,
+    teacher_tok=None,
+    mta: bool = True,
+    with_examples: bool = False,
+    **trainer_kwargs,
+):
+    """An ``MTATrainer`` of a 4×48 teacher and a 2×32 student on ``dataset`` (MTA on two layer
+    pairs unless ``mta=False``), batched by the ``DistillationCollator`` of both tokenizers."""
+    from mta.data import DistillationCollator, pad_token_id
+    from mta.layers import plan_layers
+    from mta.loss import MTALoss
+    from mta.trainer import MTATrainer, MTATrainingArguments
+
+    collator = DistillationCollator(
+        pad_token_id(tok),
+        None if teacher_tok is None else pad_token_id(teacher_tok),
+        with_examples=with_examples,
+    )
+    return MTATrainer(
+        model=student,
+        teacher_model=teacher,
+        args=MTATrainingArguments(**arguments),
+        mta_loss=MTALoss(32, 48, plan_layers(2, 4, num_key_layers=2)) if mta else None,
+        processing_class=tok,
+        teacher_processing_class=teacher_tok,
+        data_collator=collator,
+        train_dataset=dataset,
+        **trainer_kwargs,
+    )
+
+
 def regex_units(example: Example) -> TextUnits:
     """Deterministic units without spaCy: words = ``\\w+`` runs, phrases = word pairs, inside
     the example's content regions."""
