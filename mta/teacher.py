@@ -12,19 +12,26 @@ only evaluated, as TRL prepares its teachers and reference models:
   its forward is left unwrapped: the trainer runs the teacher under the same autocast as the
   student, and ``accelerate``'s wrapper would also cast every output to float32, all layers'
   hidden states included.
+
+:func:`teacher_forward` is the teacher's part of a step: the aligned layers' hidden states and
+what the base loss needs (logits, or the last hidden state for a fused LM head), nothing more.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Mapping
-from typing import Any
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from mta.layers import model_dims
+from mta.lm_head import decoder
 
-__all__ = ["prepare_teacher", "zero3_inference_config"]
+__all__ = ["prepare_teacher", "teacher_forward", "zero3_inference_config"]
 
 # DeepSpeed config sections that only make sense for a model that is trained.
 _TRAINING_ONLY = ("optimizer", "scheduler", "gradient_clipping")
@@ -102,3 +109,68 @@ def prepare_teacher(teacher: nn.Module, accelerator: Any) -> nn.Module:
     prepared.__dict__.pop("forward", None)
     prepared.__dict__.pop("_original_forward", None)
     return prepared
+
+
+@torch.no_grad()
+def teacher_forward(
+    teacher: nn.Module,
+    inputs: Mapping[str, Any],
+    layers: Sequence[int],
+    *,
+    base: Literal["logits", "hidden"] | None,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> tuple[Tensor | None, dict[int, Tensor]]:
+    """The teacher's outputs a step needs, without gradients.
+
+    Args:
+        teacher: the prepared teacher (:func:`prepare_teacher`).
+        inputs: the batch; ``teacher_input_ids``/``teacher_attention_mask`` when the teacher has
+            its own tokenizer, else ``input_ids``/``attention_mask``.
+        layers: ``hidden_states`` indices of the aligned teacher layers.
+        base: ``"logits"`` [B, T, V], ``"hidden"`` (the last hidden state [B, T, d_T], for a
+            fused LM head: no logits are computed) or None (``ce``: only one position's logits
+            are computed when the model allows it).
+        device: where the outputs go (a ``device_map`` teacher's base model ends on its last
+            shard).
+        autocast: the student's mixed-precision context (a teacher kept in fp32 would otherwise
+            run its matmuls in fp32).
+
+    Returns:
+        (the base output or None, ``{layer: hidden [B, T, d_T]}``); the other layers' hidden
+        states are dropped at once.
+    """
+    layers = sorted(set(layers))
+    if not layers and base is None:
+        return None, {}
+    if teacher.training:
+        teacher.eval()
+    model, kwargs = teacher, {}
+    if base == "hidden":
+        model = decoder(teacher)
+    elif base is None and _takes_logits_to_keep(teacher):
+        kwargs["logits_to_keep"] = 1
+    with autocast():
+        out = model(
+            input_ids=inputs.get("teacher_input_ids", inputs["input_ids"]),
+            attention_mask=inputs.get("teacher_attention_mask", inputs["attention_mask"]),
+            output_hidden_states=bool(layers),
+            use_cache=False,
+            return_dict=True,
+            **kwargs,
+        )
+    hidden = {layer: out.hidden_states[layer] for layer in layers}
+    base_output = None
+    if base is not None:
+        base_output = out.logits if base == "logits" else out.last_hidden_state
+    del out
+    if base == "hidden":
+        hidden = {layer: h.to(device) for layer, h in hidden.items()}
+        base_output = base_output.to(device)
+    return base_output, hidden
+
+
+def _takes_logits_to_keep(teacher: nn.Module) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` (a DeepSpeed engine's module's)."""
+    module = getattr(teacher, "module", teacher)
+    return "logits_to_keep" in inspect.signature(module.forward).parameters

@@ -36,9 +36,7 @@ Design:
 from __future__ import annotations
 
 import functools
-import inspect
 import os
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -59,11 +57,11 @@ from mta.data import DistillationCollator, same_tokenizer
 from mta.generation import SAMPLED_KEY, StudentSampler
 from mta.kd_losses import LIGER_KINDS, distillation_loss, liger_available
 from mta.layers import model_dims
-from mta.lm_head import decoder, fused_head_refusal, head_weight_and_bias, vocab_rows
+from mta.lm_head import fused_head_refusal, head_weight_and_bias, vocab_rows
 from mta.loss import MTALoss
 from mta.metrics import LoggedMetrics
 from mta.student import FusedHeadLoss, StudentWithProjectors
-from mta.teacher import prepare_teacher
+from mta.teacher import prepare_teacher, teacher_forward
 from mta.training_args import MTATrainingArguments
 from mta.unit_pool import UnitPool
 
@@ -152,8 +150,6 @@ class MTATrainer(Trainer):
                 self.accelerator.distributed_type,
             )
         self.teacher = prepare_teacher(teacher_model, self.accelerator)
-        forward_params = inspect.signature(teacher_model.forward).parameters
-        self._teacher_takes_logits_to_keep = "logits_to_keep" in forward_params
         self.fused_lm_head = self._use_fused_head()
         self.metrics = LoggedMetrics()
         self.sampler = self._build_sampler(unit_pool, teacher_processing_class)
@@ -404,43 +400,6 @@ class MTATrainer(Trainer):
 
     # ---- loss --------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def _teacher_forward(self, inputs: Mapping[str, Tensor]) -> tuple[Tensor | None, dict]:
-        """What the base loss needs from the teacher — its logits, or with the fused LM head its
-        last hidden states; None for ``ce`` — and ``{layer: hidden}`` of the aligned layers."""
-        layers = sorted({p.teacher_layer for p in self.wrapper.layer_pairs})
-        need_base = self.args.base_loss != "ce"
-        if not layers and not need_base:
-            return None, {}
-        if self.teacher.training:
-            self.teacher.eval()
-        model, kwargs = self.teacher, {}
-        if self.fused_lm_head:
-            model = decoder(self.teacher)  # no logits at all
-        elif not need_base and self._teacher_takes_logits_to_keep:
-            kwargs["logits_to_keep"] = 1
-        # Autocast as the student's forward (bf16/fp16 mixed precision): a teacher kept in fp32
-        # would otherwise run its matmuls in fp32.
-        with self.accelerator.autocast():
-            out = model(
-                input_ids=inputs.get("teacher_input_ids", inputs["input_ids"]),
-                attention_mask=inputs.get("teacher_attention_mask", inputs["attention_mask"]),
-                output_hidden_states=bool(layers),
-                use_cache=False,
-                return_dict=True,
-                **kwargs,
-            )
-        hidden = {layer: out.hidden_states[layer] for layer in layers}
-        base = None
-        if need_base:
-            base = out.last_hidden_state if self.fused_lm_head else out.logits
-        del out  # drop the other layers' hidden states now
-        if self.fused_lm_head:  # a device_map teacher's base model ends on its last shard
-            device = self.args.device
-            hidden = {layer: h.to(device) for layer, h in hidden.items()}
-            base = None if base is None else base.to(device)
-        return base, hidden
-
     def compute_loss(
         self,
         model: nn.Module,
@@ -460,7 +419,16 @@ class MTATrainer(Trainer):
                 f"{self.args.base_loss!r} needs a shared vocabulary: use base_loss='ce'"
             )
         labels = inputs["labels"]
-        teacher_base, teacher_hidden = self._teacher_forward(inputs)
+        teacher_base, teacher_hidden = teacher_forward(
+            self.teacher,
+            inputs,
+            [p.teacher_layer for p in self.wrapper.layer_pairs],
+            base=None
+            if self.args.base_loss == "ce"
+            else ("hidden" if self.fused_lm_head else "logits"),
+            device=self.args.device,
+            autocast=self.accelerator.autocast,
+        )
         if SAMPLED_KEY in inputs:
             # a sampled batch: its units were parsed while it was generated and while the
             # teacher's forward, launched above, runs

@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from training_helpers import gpt2, make_tokenizer
 
-from mta.teacher import prepare_teacher, zero3_inference_config
+from mta.teacher import prepare_teacher, teacher_forward, zero3_inference_config
 
 
 @pytest.fixture
@@ -130,3 +130,24 @@ def test_zero3_teacher_becomes_an_inference_engine(monkeypatch, tok):
     assert isinstance(engine, Engine) and not engine.training
     assert calls["model"] is teacher
     assert calls["config"] == zero3_inference_config(TRAINING_CONFIG, hidden_size=32)
+
+
+@pytest.mark.parametrize("base", ["logits", "hidden", None])
+def test_teacher_forward_keeps_only_what_the_step_needs(tok, base):
+    """The aligned layers' hidden states, and the logits [B, T, V], the last hidden state
+    [B, T, d] (fused head: no logits) or nothing (ce); teacher_input_ids win when present."""
+    torch.manual_seed(0)
+    teacher = gpt2(tok, 4, 48)
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    batch = {"input_ids": ids[:, :3], "attention_mask": torch.ones(2, 3, dtype=torch.long)}
+    batch |= {"teacher_input_ids": ids, "teacher_attention_mask": torch.ones_like(ids)}
+    out, hidden = teacher_forward(teacher, batch, [4, 2, 4], base=base, device=torch.device("cpu"))
+    assert sorted(hidden) == [2, 4] and hidden[2].shape == (2, 4, 48)
+    with torch.no_grad():
+        full = teacher(input_ids=ids, output_hidden_states=True)
+    torch.testing.assert_close(hidden[4], full.hidden_states[4], rtol=0, atol=0)
+    expected = {"logits": full.logits, "hidden": full.hidden_states[-1], None: None}[base]
+    if base is None:
+        assert out is None
+    else:
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)

@@ -272,12 +272,9 @@ def test_bad_base_loss_is_rejected(tmp_path):
         MTATrainingArguments(output_dir=str(tmp_path), base_loss="kl")
 
 
-def test_teacher_keeps_only_the_aligned_layers(tmp_path, toks):
-    trainer = make_trainer(tmp_path, "gpt2", toks)
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
-    logits, hidden = trainer._teacher_forward(batch)
-    assert sorted(hidden) == [2, 4] and logits.shape[:2] == batch["input_ids"].shape
-    assert not os.listdir(tmp_path)  # nothing saved by merely building a trainer
+def test_building_a_trainer_saves_nothing(tmp_path, toks):
+    make_trainer(tmp_path, "gpt2", toks)
+    assert not os.listdir(tmp_path)
 
 
 def weights(module):
