@@ -17,7 +17,7 @@ $(STAMP): setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[dev,spacy,train,liger,peft]"
+	$(PY) -m pip install --quiet -e ".[dev,spacy,train,liger,peft,trl]"
 	touch $(STAMP)
 
 test: $(STAMP)

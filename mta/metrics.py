@@ -5,16 +5,22 @@
   ``dsa``, ``hra``, …), summed on the device without a host sync and averaged over the logging
   window, then over processes, when the logs are written.
 * Values: plain numbers that are logged as they last were (counters, the adaptive threshold).
+
+:class:`MetricsLogging` is the ``transformers.Trainer`` mixin that writes a trainer's
+``self.metrics`` into its training logs and evaluation metrics (``MTATrainer`` and the TRL
+adapters share it).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["LoggedMetrics"]
+__all__ = ["LoggedMetrics", "MetricsLogging"]
 
 SPLITS = ("train", "eval")
 
@@ -66,3 +72,39 @@ class LoggedMetrics:
         self.reset(split)
         out.update(self._values[split])
         return out
+
+
+class MetricsLogging:
+    """Mixin of a ``transformers.Trainer`` subclass (listed before it) whose ``self.metrics``
+    (:class:`LoggedMetrics`) go to the logs: the ``train`` split into each training log (means
+    over the logging window and processes), the ``eval`` split into the evaluation metrics as
+    ``<prefix>_<key>``."""
+
+    metrics: LoggedMetrics
+
+    def _logged(self, split: str) -> dict[str, float]:
+        reduce = None
+        if self.args.world_size > 1:
+            reduce = functools.partial(self.accelerator.reduce, reduction="mean")
+        return self.metrics.pop(split, reduce)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            logs.update(self._logged("train"))
+        super().log(logs, start_time)
+
+    def evaluation_loop(
+        self,
+        dataloader: Any,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> Any:
+        self.metrics.reset("eval")
+        output = super().evaluation_loop(
+            dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+        )
+        for key, value in self._logged("eval").items():
+            output.metrics[f"{metric_key_prefix}_{key}"] = value
+        return output

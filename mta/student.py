@@ -19,11 +19,17 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from mta.kd_losses import fused_linear_distillation_loss
-from mta.layers import LayerPair
+from mta.layers import LayerPair, model_dims
 from mta.lm_head import decoder, head_weight_and_bias
 from mta.loss import MTALoss
 
-__all__ = ["FusedHeadLoss", "StudentOutput", "StudentWithProjectors"]
+__all__ = [
+    "FusedHeadLoss",
+    "StudentOutput",
+    "StudentWithProjectors",
+    "add_projector_group",
+    "check_layer_plan",
+]
 
 
 @dataclass
@@ -167,4 +173,51 @@ def _student_ce_sum(hidden: Tensor, weight: Tensor, bias: Tensor | None, labels:
     with torch.no_grad():
         return fused_linear_distillation_loss(
             hidden, weight, None, None, labels, kind="ce", reduction="sum", student_bias=bias
+        )
+
+
+def check_layer_plan(
+    student: PreTrainedModel, teacher: PreTrainedModel, mta_loss: MTALoss | None
+) -> None:
+    """Refuse an MTA loss built for other hidden sizes or layers than the two models have."""
+    if mta_loss is None:
+        return
+    if not isinstance(mta_loss, MTALoss):
+        raise TypeError(f"mta_loss must be an mta.loss.MTALoss, got {type(mta_loss).__name__}")
+    student_depth, teacher_depth = model_dims(student.config)[0], model_dims(teacher.config)[0]
+    for side, model, width in (
+        ("student", student, mta_loss.student_hidden_size),
+        ("teacher", teacher, mta_loss.teacher_hidden_size),
+    ):
+        depth, hidden_size = model_dims(model.config)
+        if hidden_size != width:
+            raise ValueError(
+                f"mta_loss was built for a {side} hidden size of {width} but the {side} has "
+                f"hidden_size={hidden_size}"
+            )
+        for pair in mta_loss.layer_pairs:
+            layer = getattr(pair, f"{side}_layer")
+            if layer > depth:
+                raise ValueError(
+                    f"layer pair {pair.name} uses {side} layer {layer}, out of range: the "
+                    f"{side} has {depth} layers (hidden_states indices 1..{depth}); fix "
+                    "mta.layer_pairs or build the plan with mta.layers.plan_layers("
+                    f"{student_depth}, {teacher_depth})"
+                )
+
+
+def add_projector_group(
+    optimizer: torch.optim.Optimizer,
+    mta_loss: MTALoss | None,
+    learning_rate: float,
+    weight_decay: float,
+) -> None:
+    """Give the MTA projectors' trainable parameters their own group of ``optimizer`` (the
+    scheduler then scales it with the student's groups)."""
+    if mta_loss is None:
+        return
+    params = [p for p in mta_loss.parameters() if p.requires_grad]
+    if params:
+        optimizer.add_param_group(
+            {"params": params, "lr": learning_rate, "weight_decay": weight_decay}
         )

@@ -35,7 +35,6 @@ Design:
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any
 
@@ -56,11 +55,15 @@ from mta.checkpoints import (
 from mta.data import DistillationCollator, same_tokenizer
 from mta.generation import SAMPLED_KEY, StudentSampler
 from mta.kd_losses import LIGER_KINDS, distillation_loss, liger_available
-from mta.layers import model_dims
 from mta.lm_head import fused_head_refusal, head_weight_and_bias, vocab_rows
 from mta.loss import MTALoss
-from mta.metrics import LoggedMetrics
-from mta.student import FusedHeadLoss, StudentWithProjectors
+from mta.metrics import LoggedMetrics, MetricsLogging
+from mta.student import (
+    FusedHeadLoss,
+    StudentWithProjectors,
+    add_projector_group,
+    check_layer_plan,
+)
 from mta.teacher import prepare_teacher, teacher_forward
 from mta.training_args import MTATrainingArguments
 from mta.unit_pool import UnitPool
@@ -70,7 +73,7 @@ __all__ = ["MTATrainer", "MTATrainingArguments"]
 logger = logging.get_logger(__name__)
 
 
-class MTATrainer(Trainer):
+class MTATrainer(MetricsLogging, Trainer):
     """Distill ``teacher_model`` into ``model`` with a base KD loss plus MTA.
 
     Args:
@@ -125,7 +128,7 @@ class MTATrainer(Trainer):
                 "student tokenizers differ. Use base_loss='ce' (MTA's unit alignment works "
                 "across tokenizers) or give both models the same tokenizer."
             )
-        self._check_layer_plan(model, teacher_model, mta_loss)
+        check_layer_plan(model, teacher_model, mta_loss)
         self.vocab_size = self._resolve_vocab(model, teacher_model, args, processing_class)
         super().__init__(
             model=StudentWithProjectors(model, mta_loss),
@@ -218,35 +221,6 @@ class MTATrainer(Trainer):
         )
 
     # ---- construction checks ------------------------------------------------------------
-
-    @staticmethod
-    def _check_layer_plan(
-        student: PreTrainedModel, teacher: PreTrainedModel, mta_loss: MTALoss | None
-    ) -> None:
-        if mta_loss is None:
-            return
-        if not isinstance(mta_loss, MTALoss):
-            raise TypeError(f"mta_loss must be an mta.loss.MTALoss, got {type(mta_loss).__name__}")
-        student_depth, teacher_depth = model_dims(student.config)[0], model_dims(teacher.config)[0]
-        for side, model, width in (
-            ("student", student, mta_loss.student_hidden_size),
-            ("teacher", teacher, mta_loss.teacher_hidden_size),
-        ):
-            depth, hidden_size = model_dims(model.config)
-            if hidden_size != width:
-                raise ValueError(
-                    f"mta_loss was built for a {side} hidden size of {width} but the {side} has "
-                    f"hidden_size={hidden_size}"
-                )
-            for pair in mta_loss.layer_pairs:
-                layer = getattr(pair, f"{side}_layer")
-                if layer > depth:
-                    raise ValueError(
-                        f"layer pair {pair.name} uses {side} layer {layer}, out of range: the "
-                        f"{side} has {depth} layers (hidden_states indices 1..{depth}); fix "
-                        "mta.layer_pairs or build the plan with mta.layers.plan_layers("
-                        f"{student_depth}, {teacher_depth})"
-                    )
 
     def _resolve_vocab(
         self,
@@ -345,16 +319,12 @@ class MTATrainer(Trainer):
             return self.optimizer
         wrapper = self.accelerator.unwrap_model(model if model is not None else self.model)
         optimizer = super().create_optimizer(wrapper.student)
-        if wrapper.mta_loss is not None:
-            params = [p for p in wrapper.mta_loss.parameters() if p.requires_grad]
-            if params:
-                optimizer.add_param_group(
-                    {
-                        "params": params,
-                        "lr": self.args.projector_learning_rate,
-                        "weight_decay": self.args.projector_weight_decay,
-                    }
-                )
+        add_projector_group(
+            optimizer,
+            wrapper.mta_loss,
+            self.args.projector_learning_rate,
+            self.args.projector_weight_decay,
+        )
         return optimizer
 
     # ---- student generation --------------------------------------------------------------
@@ -484,40 +454,6 @@ class MTATrainer(Trainer):
         if return_outputs:
             return loss, {"logits": outputs.logits}
         return loss
-
-    # ---- logging -----------------------------------------------------------------------
-
-    def _logged(self, split: str) -> dict[str, float]:
-        """The split's metrics (:class:`~mta.metrics.LoggedMetrics`), means over processes."""
-        reduce = None
-        if self.args.world_size > 1:
-            reduce = functools.partial(self.accelerator.reduce, reduction="mean")
-        return self.metrics.pop(split, reduce)
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the training metrics (the loss components averaged over the logging window and
-        processes; the student-generation counters) to the training logs."""
-        if "loss" in logs:
-            logs.update(self._logged("train"))
-        super().log(logs, start_time)
-
-    def evaluation_loop(
-        self,
-        dataloader: Any,
-        description: str,
-        prediction_loss_only: bool | None = None,
-        ignore_keys: list[str] | None = None,
-        metric_key_prefix: str = "eval",
-    ) -> Any:
-        """Evaluation, with the loss components averaged over the evaluation batches (and
-        processes) added to the metrics as ``<prefix>_base_loss``, ``<prefix>_dsa``, …"""
-        self.metrics.reset("eval")
-        output = super().evaluation_loop(
-            dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
-        )
-        for key, value in self._logged("eval").items():
-            output.metrics[f"{metric_key_prefix}_{key}"] = value
-        return output
 
     # ---- saving / loading --------------------------------------------------------------
 

@@ -12,29 +12,25 @@ import copy
 import pytest
 import torch
 from training_helpers import (
-    RECORDS,
+    EXAMPLES,
     clone,
+    examples_dataset,
     gpt2,
-    regex_units,
+    make_tokenizer,
     tiny_run_arguments,
     tiny_trainer,
-    tokenizer_pair,
 )
 
 from mta.adapters import merge_teacher_adapter
-from mta.data import DistillationDataset, format_record
 
 peft = pytest.importorskip("peft")
-
-EXAMPLES = [format_record(r) for r in RECORDS]
-MAX_LENGTH = 192
 
 pytestmark = pytest.mark.usefixtures("eager_mta_ops")
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return tokenizer_pair([e.text for e in EXAMPLES])["bytelevel"]
+    return make_tokenizer([e.text for e in EXAMPLES], "bytelevel", 300)
 
 
 def lora(model, targets=("c_attn", "lm_head"), **config):
@@ -49,9 +45,7 @@ def make_trainer(tmp_path, tok, student=None, **overrides):
     teacher = gpt2(tok, 4, 48)
     if student is None:
         student = lora(gpt2(tok, 2, 32))
-    dataset = DistillationDataset(
-        EXAMPLES, tok, MAX_LENGTH, units=[regex_units(e) for e in EXAMPLES]
-    )
+    dataset = examples_dataset(tok)
     settings = {
         **tiny_run_arguments(tmp_path, None, "fkl"),
         "per_device_train_batch_size": 3,

@@ -44,6 +44,10 @@ RECORDS = [
 ]
 
 
+#: The records as examples (the plain-text one included).
+EXAMPLES = [format_record(r) for r in RECORDS]
+
+
 def make_tokenizer(texts: list[str], kind: str = "bytelevel", vocab_size: int = 320):
     """A fast HF tokenizer trained on ``texts``: ``bytelevel`` (GPT-2 style) or ``metaspace``
     (SentencePiece style with a BOS token prepended, as LLaMA)."""
@@ -129,6 +133,14 @@ def tiny_trainer(
         train_dataset=dataset,
         **trainer_kwargs,
     )
+
+
+def examples_dataset(tok, max_length: int = 192):
+    """:data:`EXAMPLES` tokenized by ``tok`` with their regex units (every prompt and response
+    fits in 192 tokens)."""
+    from mta.data import DistillationDataset
+
+    return DistillationDataset(EXAMPLES, tok, max_length, units=[regex_units(e) for e in EXAMPLES])
 
 
 def regex_units(example: Example) -> TextUnits:

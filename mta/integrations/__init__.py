@@ -1,0 +1,2 @@
+"""MTA inside other libraries' trainers (each submodule needs its library: ``mta.integrations.trl``
+needs ``trl``)."""
