@@ -107,9 +107,14 @@ def resolve_source(key: str, name: str, kind: Kind = "model") -> ModelSource:
             a malformed hub id, or a hub id that is neither cached nor reachable.
     """
     path = Path(name).expanduser()
-    what = "config.json" if kind == "model" else "tokenizer files (tokenizer.json, ...)"
+    what = (
+        "config.json (or a PEFT adapter's adapter_config.json)"
+        if kind == "model"
+        else "tokenizer files (tokenizer.json, ...)"
+    )
     if path.is_dir():
-        wanted = ("config.json",) if kind == "model" else _TOKENIZER_FILES
+        # an adapter folder loads with its base model through transformers' PEFT integration
+        wanted = ("config.json", "adapter_config.json") if kind == "model" else _TOKENIZER_FILES
         if not any((path / f).is_file() for f in wanted):
             raise UserError(
                 f"{key}: directory {name!r} holds no {what}; give the folder a "

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import safetensors.torch
+import torch
 import yaml
 from training_helpers import CONFIGS, RECORDS, TINY, gpt2, make_tokenizer, write_tiny_run
 
@@ -258,3 +259,13 @@ def test_lora_student_and_merged_teacher_adapter(tmp_path):
     student = peft.PeftModel.from_pretrained(base, out)
     trained = {k for k, _ in student.named_parameters() if "lora_" in k}
     assert any("lm_head" in k for k in trained) and any("c_attn" in k for k in trained)
+    # mta-eval evaluates the export: the base model with the adapter applied
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        expected = student.eval()(ids).logits
+        loaded = AutoModelForCausalLM.from_pretrained(out).eval()(ids).logits
+    torch.testing.assert_close(loaded, expected)
+    eval_file = tmp_path / "test.jsonl"
+    eval_file.write_text("".join(json.dumps(r) + "\n" for r in RECORDS if "text" not in r))
+    argv = ["--model", str(out), "--data", str(eval_file), "--max-new-tokens", "4"]
+    assert eval_main(argv) == 0
