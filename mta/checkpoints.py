@@ -124,25 +124,34 @@ def load_student_weights(checkpoint: str, student: nn.Module) -> None:
 
 
 def _load_adapter_weights(checkpoint: str, student: nn.Module) -> None:
+    """Each active adapter's weights, from where ``PeftModel.save_pretrained`` put them: the
+    checkpoint itself for ``default``, its ``<name>/`` folder for any other name."""
     from peft import set_peft_model_state_dict
     from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS_NAME
 
-    file = os.path.join(checkpoint, ADAPTER_WEIGHTS_NAME)
-    if not os.path.isfile(file):
-        raise ValueError(
-            f"no adapter weights ({ADAPTER_WEIGHTS_NAME}) in checkpoint {checkpoint!r}, but the "
-            "student is a peft model: resume from a checkpoint of the same LoRA run"
-        )
-    state = safetensors.torch.load_file(file, device="cpu")
-    name = student.active_adapter
     trainable = {k for k, p in student.named_parameters() if p.requires_grad}
-    result = set_peft_model_state_dict(student, state, adapter_name=name)
-    # every trainable parameter (the adapter, modules_to_save) must have been in the file
-    missing = sorted(k for k in result.missing_keys if k in trainable)
-    if missing or result.unexpected_keys:
+    missing: set[str] = set(trainable)
+    for name in student.active_adapters:
+        folder = checkpoint if name == "default" else os.path.join(checkpoint, name)
+        file = os.path.join(folder, ADAPTER_WEIGHTS_NAME)
+        if not os.path.isfile(file):
+            raise ValueError(
+                f"no adapter weights ({ADAPTER_WEIGHTS_NAME}) for adapter {name!r} in checkpoint "
+                f"{checkpoint!r}, but the student is a peft model: resume from a checkpoint of "
+                "the same LoRA run"
+            )
+        state = safetensors.torch.load_file(file, device="cpu")
+        result = set_peft_model_state_dict(student, state, adapter_name=name)
+        if result.unexpected_keys:
+            raise ValueError(
+                f"checkpoint {checkpoint!r} does not match the student's adapter {name!r}: "
+                f"unexpected {list(result.unexpected_keys)}"
+            )
+        missing &= set(result.missing_keys)
+    # every trainable parameter (the adapters, modules_to_save) was in one of the files
+    if missing:
         raise ValueError(
-            f"checkpoint {checkpoint!r} does not match the student's adapter {name!r}: missing "
-            f"{missing}, unexpected {list(result.unexpected_keys)}"
+            f"checkpoint {checkpoint!r} does not hold the student's trainable {sorted(missing)}"
         )
 
 

@@ -5,12 +5,14 @@ calling it, and when it must not.
 * :func:`fused_head_refusal` says why a model's logits are not ``lm_head(last hidden state)``
   (then the fused loss would train on something else than the model's logits).
 * :func:`decoder` is the module whose last hidden state feeds the head (through a PEFT wrapper).
-* :func:`head_weight_and_bias` is the ``[V, d]`` weight and bias the head applies. With a PEFT
-  LoRA adapter on the head it is ``W + Σ_a s_a·B_a·A_a`` (and ``b + Σ_a s_a·b_{B,a}``), built
-  from the adapter's parameters, so the fused loss trains the adapter exactly as the head's own
-  forward would. That materializes one more ``[V, d]`` tensor per forward; an adapter with
-  dropout on its input, a LoRA variant (DoRA) or ``fan_in_fan_out`` cannot be written as one
-  weight and is refused by name.
+* :func:`head_operands` is what the fused loss multiplies: hidden states ``h'``, weight ``W'``
+  and bias ``b'`` with ``h'·W'^T + b'`` equal to the head's output. For a plain head they are
+  ``h``, its weight and bias. With a PEFT LoRA adapter on the head they are augmented by the
+  adapter's rank: ``h' = [h | s·dropout(h)·A^T]``, ``W' = [W | B]``, ``b' = b + s·b_B``, which is
+  PEFT's own forward ``h·W^T + s·(dropout(h)·A^T)·B^T`` as one matmul, built from the adapter's
+  parameters so that it trains them. Nothing is folded into ``W`` (in bf16 a small ``s·B·A``
+  would round away against ``W``); the cost is ``r`` more columns per adapter and one copy of
+  ``h`` and ``W``. A LoRA variant (DoRA) or ``fan_in_fan_out`` is refused by name.
 * :func:`unsharded_weight` reads a plain head's full weight inside a wrapped forward.
 * :func:`vocab_rows` is the logits' width.
 """
@@ -32,7 +34,7 @@ from mta.adapters import BaseTunerLayer, LoraLayer, is_peft_model
 __all__ = [
     "decoder",
     "fused_head_refusal",
-    "head_weight_and_bias",
+    "head_operands",
     "lora_head_refusal",
     "unsharded_weight",
     "vocab_rows",
@@ -49,20 +51,14 @@ def decoder(model: nn.Module) -> nn.Module | None:
 
 
 def lora_head_refusal(head: nn.Module) -> str | None:
-    """Why a PEFT LoRA head's output is not ``x·W_eff^T + b_eff`` (None if it is)."""
+    """Why a PEFT LoRA head's output is not ``h'·W'^T + b'`` of :func:`head_operands` (None if
+    it is)."""
     if head.fan_in_fan_out:
         return "its LoRA adapter has fan_in_fan_out=True (a transposed base weight)"
     for name in _active_adapters(head):
         if name in head.lora_variant:
             variant = type(head.lora_variant[name]).__name__
             return f"its LoRA adapter {name!r} is a variant ({variant}, e.g. DoRA)"
-        dropout = head.lora_dropout[name]
-        if isinstance(dropout, nn.Dropout) and dropout.p > 0:
-            return (
-                f"its LoRA adapter {name!r} has lora_dropout={dropout.p}, which drops the "
-                "adapter's input only and cannot be folded into one weight: give the LM head's "
-                "adapter lora_dropout=0"
-            )
     return None
 
 
@@ -72,20 +68,26 @@ def _active_adapters(head: nn.Module) -> list[str]:
     return [name for name in head.active_adapters if name in head.lora_A]
 
 
-def head_weight_and_bias(head: nn.Module) -> tuple[Tensor, Tensor | None]:
-    """The weight ``[V, d]`` and bias ``[V]`` (or None) the LM head applies (module docstring);
-    differentiable in the adapter's parameters."""
+def head_operands(head: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(h', W', b')`` with ``h'·W'^T + b'`` the LM head's output on ``hidden`` [..., d]
+    (module docstring): ``W'`` [V, d'], ``h'`` [..., d'], ``b'`` [V] or None; differentiable in
+    ``hidden`` and the adapter's parameters."""
     if not isinstance(head, LoraLayer):
-        return unsharded_weight(head), head.bias
+        return hidden, unsharded_weight(head), head.bias
     base = head.get_base_layer()
     weight, bias = unsharded_weight(base), base.bias
+    inputs, weights = [hidden], [weight]
     for name in _active_adapters(head):
         lora_a, lora_b, scaling = head.lora_A[name], head.lora_B[name], head.scaling[name]
-        weight = weight + (lora_b.weight @ lora_a.weight * scaling).to(weight.dtype)
+        x = head.lora_dropout[name](hidden.to(lora_a.weight.dtype))
+        inputs.append((lora_a(x) * scaling).to(hidden.dtype))
+        weights.append(lora_b.weight.to(weight.dtype))
         if lora_b.bias is not None:
             delta = (lora_b.bias * scaling).to(weight.dtype)
             bias = delta if bias is None else bias + delta
-    return weight, bias
+    if len(inputs) == 1:
+        return hidden, weight, bias
+    return torch.cat(inputs, dim=-1), torch.cat(weights, dim=-1), bias
 
 
 def unsharded_weight(head: nn.Linear) -> Tensor:
@@ -121,9 +123,9 @@ _LOGIT_TRANSFORMS = {
 
 
 def fused_head_refusal(model: PreTrainedModel) -> str | None:
-    """Why ``model``'s logits are not ``last_hidden_state·W^T + b`` with the weight and bias of
-    :func:`head_weight_and_bias` (None if they are): a head that is neither an ``nn.Linear`` nor
-    a foldable LoRA adapter on one, no separate base model, a config that transforms logits
+    """Why ``model``'s logits are not ``h'·W'^T + b'`` with the operands of :func:`head_operands`
+    on its last hidden state (None if they are): a head that is neither an ``nn.Linear`` nor a
+    plain LoRA adapter on one, no separate base model, a config that transforms logits
     after the head, or logits that differ from that product on 8 tokens in eval mode (the same
     rows through one matmul: compared at rtol 1e-5, tighter than a soft-cap's effect)."""
     head = model.get_output_embeddings()
@@ -150,8 +152,8 @@ def fused_head_refusal(model: PreTrainedModel) -> str | None:
         with torch.no_grad():
             logits = model(input_ids=ids, use_cache=False, return_dict=True).logits
             hidden = base(input_ids=ids, use_cache=False, return_dict=True).last_hidden_state
-            weight, bias = head_weight_and_bias(head)
-            fused = F.linear(hidden.to(weight.device), weight, bias)
+            operands = head_operands(head, hidden.to(head.weight.device))
+            fused = F.linear(*operands)
     finally:
         model.train(was_training)
     if logits.shape != fused.shape or not torch.allclose(

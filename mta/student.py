@@ -20,7 +20,7 @@ from transformers.utils import ModelOutput
 
 from mta.kd_losses import fused_linear_distillation_loss
 from mta.layers import LayerPair, model_dims
-from mta.lm_head import decoder, head_weight_and_bias
+from mta.lm_head import decoder, head_operands
 from mta.loss import MTALoss
 
 __all__ = [
@@ -131,10 +131,12 @@ class StudentWithProjectors(nn.Module):
             logits = out.logits
         else:
             out = decoder(self.student)(**kwargs)
-            weight, bias = head_weight_and_bias(self.student.get_output_embeddings())
+            hidden, weight, bias = head_operands(
+                self.student.get_output_embeddings(), out.last_hidden_state
+            )
             loss = fused_head_loss
             base_loss_sum = fused_linear_distillation_loss(
-                out.last_hidden_state,
+                hidden,
                 weight,
                 loss.teacher_hidden,
                 loss.teacher_weight,
@@ -145,7 +147,7 @@ class StudentWithProjectors(nn.Module):
                 **loss.settings,
             )
             if not self.training:
-                ce_sum = _student_ce_sum(out.last_hidden_state, weight, bias, loss.labels)
+                ce_sum = _student_ce_sum(hidden, weight, bias, loss.labels)
         if not use_mta:
             return StudentOutput(logits=logits, base_loss_sum=base_loss_sum, student_ce_sum=ce_sum)
         if teacher_hidden_states is None or mta_batch is None:

@@ -31,7 +31,12 @@ from torch import Tensor, nn
 from mta.layers import model_dims
 from mta.lm_head import decoder
 
-__all__ = ["prepare_teacher", "teacher_forward", "zero3_inference_config"]
+__all__ = [
+    "prepare_teacher",
+    "prepare_unregistered",
+    "teacher_forward",
+    "zero3_inference_config",
+]
 
 # DeepSpeed config sections that only make sense for a model that is trained.
 _TRAINING_ONLY = ("optimizer", "scheduler", "gradient_clipping")
@@ -86,6 +91,19 @@ def _auto_keys(config: Mapping[str, Any], prefix: str = "") -> list[str]:
     return keys
 
 
+def prepare_unregistered(accelerator: Any, module: nn.Module, **kwargs: Any) -> nn.Module:
+    """``accelerator.prepare_model(module, device_placement=True, **kwargs)``, with ``module``
+    left out of the accelerator's list of prepared models: ``Trainer.evaluate`` prepares the
+    student (mixed precision, FSDP/DeepSpeed wrapping) only while that list is empty, so a
+    teacher or a loss module in it would leave an evaluation before training with an unprepared
+    student. The list is private to ``accelerate``; nothing public keeps a module out of it."""
+    prepared = accelerator.prepare_model(module, device_placement=True, **kwargs)
+    registry = getattr(accelerator, "_models", None)
+    if registry is not None and prepared in registry:
+        registry.remove(prepared)
+    return prepared
+
+
 def prepare_teacher(teacher: nn.Module, accelerator: Any) -> nn.Module:
     """``teacher`` frozen (no gradients, eval mode) and placed for ``accelerator``'s run (see the
     module docstring); the returned module is what the trainer calls."""
@@ -101,7 +119,7 @@ def prepare_teacher(teacher: nn.Module, accelerator: Any) -> nn.Module:
         engine, *_ = deepspeed.initialize(model=teacher, config=config)
         engine.eval()
         return engine
-    prepared = accelerator.prepare_model(teacher, device_placement=True, evaluation_mode=True)
+    prepared = prepare_unregistered(accelerator, teacher, evaluation_mode=True)
     # Mixed precision rebinds ``forward`` on the instance (autocast, then every output cast to
     # float32). The trainer already autocasts the teacher, and the cast would copy every layer's
     # hidden states, so the class's own forward is restored. ``unwrap_model(keep_fp32_wrapper=
@@ -131,8 +149,7 @@ def teacher_forward(
         base: ``"logits"`` [B, T, V], ``"hidden"`` (the last hidden state [B, T, d_T], for a
             fused LM head: no logits are computed) or None (``ce``: only one position's logits
             are computed when the model allows it).
-        device: where the outputs go (a ``device_map`` teacher's base model ends on its last
-            shard).
+        device: where the outputs go (a ``device_map`` teacher's layers sit on their shards).
         autocast: the student's mixed-precision context (a teacher kept in fp32 would otherwise
             run its matmuls in fp32).
 
@@ -164,8 +181,9 @@ def teacher_forward(
     if base is not None:
         base_output = out.logits if base == "logits" else out.last_hidden_state
     del out
-    if base == "hidden":
-        hidden = {layer: h.to(device) for layer, h in hidden.items()}
+    # a device_map teacher ends on its last shard, its layers on theirs (no-ops otherwise)
+    hidden = {layer: h.to(device) for layer, h in hidden.items()}
+    if base_output is not None:
         base_output = base_output.to(device)
     return base_output, hidden
 

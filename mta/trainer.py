@@ -46,16 +46,18 @@ from transformers.utils import logging
 
 from mta.callbacks import print_logs_as_numbers
 from mta.checkpoints import (
+    PROJECTORS_NAME,
     SamplerCheckpoints,
     load_projectors,
     load_student_weights,
     read_sampler_state,
+    sampler_state_name,
     save_projectors,
 )
 from mta.data import DistillationCollator, same_tokenizer
 from mta.generation import SAMPLED_KEY, StudentSampler
 from mta.kd_losses import LIGER_KINDS, distillation_loss, liger_available
-from mta.lm_head import fused_head_refusal, head_weight_and_bias, vocab_rows
+from mta.lm_head import fused_head_refusal, head_operands, vocab_rows
 from mta.loss import MTALoss
 from mta.metrics import LoggedMetrics, MetricsLogging
 from mta.student import (
@@ -68,7 +70,18 @@ from mta.teacher import prepare_teacher, teacher_forward
 from mta.training_args import MTATrainingArguments
 from mta.unit_pool import UnitPool
 
-__all__ = ["MTATrainer", "MTATrainingArguments"]
+# PROJECTORS_NAME … sampler_state_name: their homes are mta.checkpoints, mta.student, mta.data;
+# re-exported because code written against earlier versions imports them from here.
+__all__ = [
+    "PROJECTORS_NAME",
+    "FusedHeadLoss",
+    "MTATrainer",
+    "MTATrainingArguments",
+    "StudentWithProjectors",
+    "load_projectors",
+    "same_tokenizer",
+    "sampler_state_name",
+]
 
 logger = logging.get_logger(__name__)
 
@@ -413,7 +426,9 @@ class MTATrainer(MetricsLogging, Trainer):
         if self.fused_lm_head:
             weight = bias = None
             if teacher_base is not None:
-                weight, bias = head_weight_and_bias(self.teacher.get_output_embeddings())
+                teacher_base, weight, bias = head_operands(
+                    self.teacher.get_output_embeddings(), teacher_base
+                )
             fused = FusedHeadLoss(labels, teacher_base, weight, bias, kd)
         outputs = model(
             input_ids=inputs["input_ids"],

@@ -33,11 +33,10 @@ def tok():
     return make_tokenizer([e.text for e in EXAMPLES], "bytelevel", 300)
 
 
-def lora(model, targets=("c_attn", "lm_head"), **config):
+def lora(model, targets=("c_attn", "lm_head"), adapter_name="default", **config):
     settings = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "init_lora_weights": False}
-    return peft.get_peft_model(
-        model, peft.LoraConfig(target_modules=list(targets), **{**settings, **config})
-    )
+    config = peft.LoraConfig(target_modules=list(targets), **{**settings, **config})
+    return peft.get_peft_model(model, config, adapter_name=adapter_name)
 
 
 def make_trainer(tmp_path, tok, student=None, **overrides):
@@ -93,12 +92,34 @@ def test_fused_lm_head_applies_the_lm_head_adapter(tmp_path, tok):
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_fused_lm_head_on_refuses_lm_head_dropout(tmp_path, tok):
+def test_fused_lm_head_takes_adapter_dropout_and_refuses_dora(tmp_path, tok):
     torch.manual_seed(0)
     student = lora(gpt2(tok, 2, 32), lora_dropout=0.1)
-    match = "the student: its LoRA adapter 'default' has lora_dropout"
-    with pytest.raises(ValueError, match=match):
+    assert make_trainer(tmp_path, tok, student=student, fused_lm_head="on").fused_lm_head
+    student = lora(gpt2(tok, 2, 32), targets=("lm_head",), use_dora=True)
+    with pytest.raises(ValueError, match="the student: its LoRA adapter 'default' is a variant"):
         make_trainer(tmp_path, tok, student=student, fused_lm_head="on")
+
+
+def test_named_adapter_resumes_bitwise(tmp_path, tok):
+    """peft saves an adapter not named 'default' in a folder of its name: found there."""
+    settings = {"max_steps": 2, "save_strategy": "steps", "save_steps": 1}
+    runs = []
+    for run in ("a", "b"):
+        torch.manual_seed(0)
+        gpt2(tok, 4, 48)  # the teacher's draws, as make_trainer makes them
+        student = lora(gpt2(tok, 2, 32), adapter_name="student")
+        runs.append(make_trainer(tmp_path / run, tok, student=student, **settings))
+    runs[0].train()
+    checkpoint = tmp_path / "a" / "checkpoint-1"
+    assert (checkpoint / "student" / "adapter_model.safetensors").is_file()
+    runs[1].train(resume_from_checkpoint=str(checkpoint))
+    for (name, a), b in zip(
+        adapter_state(runs[1].student).items(),
+        adapter_state(runs[0].student).values(),
+        strict=True,
+    ):
+        assert torch.equal(a, b), name
 
 
 def test_lora_resume_is_bitwise_and_the_export_loads_with_peft(tmp_path, tok):

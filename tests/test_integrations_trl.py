@@ -163,3 +163,36 @@ def test_refusals(tmp_path, tok):
             args=args,
             data_collator=DistillationCollator(pad_token_id(tok)),
         )
+
+
+def test_label_smoothing_keeps_the_mta_gradient(tmp_path, tok):
+    """With label smoothing SFTTrainer runs the model twice, the second time under no_grad for
+    its metrics: the term reads the first forward, so the student gets the MTA gradient."""
+    grads = []
+    for lam in (0.0, 1.0):
+        teacher, student, _ = models(tok)
+        mta_loss = MTALoss(
+            32, 48, plan_layers(2, 4, num_key_layers=2), lambda_dsa=lam, lambda_hra=lam
+        )
+        trainer = sft_trainer(
+            tmp_path / str(lam), tok, teacher, student, mta_loss, label_smoothing_factor=0.1
+        )
+        batch = trainer.data_collator([{"mta_source": 0, "mta_row": i} for i in range(3)])
+        trainer.compute_loss(trainer.model.train(), batch).backward()
+        grads.append(trainer.model.transformer.h[0].attn.c_attn.weight.grad.clone())
+    assert not torch.allclose(grads[0], grads[1])
+
+
+def test_evaluate_takes_a_distillation_dataset(tmp_path, tok):
+    trainer = sft_trainer(tmp_path, tok, *models(tok))
+    # teacher and projectors unregistered: evaluate() then prepares the student itself
+    assert trainer.accelerator._models == []
+    metrics = trainer.evaluate(eval_dataset=examples_dataset(tok))
+    assert metrics["eval_dsa"] > 0 and "eval_loss" in metrics
+    assert trainer.accelerator._models == [trainer.model]
+
+
+@pytest.mark.parametrize("setting", ["packing", "padding_free", "assistant_only_loss"])
+def test_dataset_preparation_settings_are_refused(tmp_path, tok, setting):
+    with pytest.raises(ValueError, match=f"SFTConfig.{setting}=True acts while SFTTrainer"):
+        sft_trainer(tmp_path, tok, *models(tok), **{setting: True})

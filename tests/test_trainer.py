@@ -272,9 +272,12 @@ def test_bad_base_loss_is_rejected(tmp_path):
         MTATrainingArguments(output_dir=str(tmp_path), base_loss="kl")
 
 
-def test_building_a_trainer_saves_nothing(tmp_path, toks):
-    make_trainer(tmp_path, "gpt2", toks)
+def test_building_a_trainer_saves_and_registers_nothing(tmp_path, toks):
+    """Nothing is written, and accelerate's list of prepared models stays empty, which is what
+    makes Trainer.evaluate before train prepare the student (mixed precision, wrapping)."""
+    trainer = make_trainer(tmp_path, "gpt2", toks)
     assert not os.listdir(tmp_path)
+    assert trainer.accelerator._models == []
 
 
 def weights(module):

@@ -13,13 +13,13 @@ How it fits in ``SFTTrainer`` without changing it:
 * the student's hidden states come from SFTTrainer's own forward: ``output_hidden_states`` is
   passed through it and a forward hook on the student's backbone keeps them (no second forward);
   only the model's keys of the batch reach SFTTrainer, the unit keys stay for the term;
-* the teacher is prepared for evaluation (:func:`mta.teacher.prepare_teacher`, ZeRO-3 included)
-  and runs once per micro-batch for the aligned layers only;
+* the teacher is prepared for evaluation (:func:`mta.teacher.prepare_teacher`) and runs once per
+  micro-batch for the aligned layers only;
 * the projectors are a module of their own, prepared by ``accelerate`` (DDP all-reduces their
-  gradients), in one optimizer group of their own (``projector_learning_rate``), their gradients
-  cleared after each optimizer step as ``Trainer`` clears the model's; unlike ``MTATrainer``,
-  whose wrapper makes them part of the model, ``Trainer``'s gradient clipping sees the student's
-  parameters only;
+  gradients; FSDP and DeepSpeed are refused), in one optimizer group of their own
+  (``projector_learning_rate``), their gradients cleared after each optimizer step as
+  ``Trainer`` clears the model's; unlike ``MTATrainer``, whose wrapper makes them part of the
+  model, ``Trainer``'s gradient clipping sees the student's parameters only;
 * checkpoints and ``save_model`` write ``mta_projectors.safetensors`` beside what SFTTrainer
   saves (:mod:`mta.checkpoints`), ``train(resume_from_checkpoint=...)`` reloads them, and with
   ``load_best_model_at_end`` the best checkpoint's projectors come back with its student;
@@ -49,7 +49,7 @@ from mta.lm_head import decoder
 from mta.loss import MTALoss
 from mta.metrics import LoggedMetrics, MetricsLogging
 from mta.student import add_projector_group, check_layer_plan
-from mta.teacher import prepare_teacher, teacher_forward
+from mta.teacher import prepare_teacher, prepare_unregistered, teacher_forward
 
 try:
     from trl import SFTTrainer
@@ -101,7 +101,8 @@ def _row_references(dataset: Any, key: str, sources: list[DistillationDataset]) 
 @contextlib.contextmanager
 def capture_hidden_states(model: nn.Module) -> Iterator[dict[str, Any]]:
     """Keep the ``hidden_states`` of ``model``'s backbone (:func:`mta.lm_head.decoder`) from
-    the forwards run inside the block: ``captured["hidden_states"]`` (a tuple of [B, T, d])."""
+    the first forward run inside the block with gradients enabled (else the first one):
+    ``captured["hidden_states"]`` (a tuple of [B, T, d])."""
     backbone = decoder(model)
     if backbone is None:
         raise ValueError(
@@ -110,7 +111,11 @@ def capture_hidden_states(model: nn.Module) -> Iterator[dict[str, Any]]:
     captured: dict[str, Any] = {}
 
     def keep(module: nn.Module, args: Any, output: Any) -> None:
-        captured["hidden_states"] = output.hidden_states
+        # SFTTrainer may run the model again under no_grad for its metrics (label smoothing, a
+        # compute_loss_func): keep the forward that builds the graph of the loss
+        grad = torch.is_grad_enabled()
+        if "hidden_states" not in captured or (grad and not captured["grad"]):
+            captured["hidden_states"], captured["grad"] = output.hidden_states, grad
 
     handle = backbone.register_forward_hook(keep)
     try:
@@ -158,6 +163,13 @@ class MTASFTTrainer(MetricsLogging, SFTTrainer):
         if projector_learning_rate <= 0:
             raise ValueError(f"projector_learning_rate must be > 0, got {projector_learning_rate}")
         check_layer_plan(model, teacher_model, mta_loss)
+        for name in ("packing", "padding_free", "completion_only_loss", "assistant_only_loss"):
+            if getattr(args, name, None):
+                raise ValueError(
+                    f"SFTConfig.{name}=True acts while SFTTrainer prepares its dataset, which the "
+                    "MTA batches skip (mta.data tokenizes them, with their units and labels): "
+                    f"unset {name}; the labels of mta.data already train on the responses only"
+                )
         args.remove_unused_columns = False
         args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
         sources: list[DistillationDataset] = []
@@ -166,12 +178,31 @@ class MTASFTTrainer(MetricsLogging, SFTTrainer):
         super().__init__(
             model=model, args=args, data_collator=_RowCollator(data_collator, sources), **kwargs
         )
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            raise ValueError(
+                "MTASFTTrainer trains the projectors beside the student, which is not done "
+                "under FSDP or DeepSpeed here: use DDP, or mta.trainer.MTATrainer (whose model "
+                "holds the projectors)"
+            )
         self.teacher = prepare_teacher(teacher_model, self.accelerator)
-        self.projectors = self.accelerator.prepare_model(mta_loss)
+        self.projectors = prepare_unregistered(self.accelerator, mta_loss)
+        self._sources = sources
         self.projector_learning_rate = projector_learning_rate
         self.projector_weight_decay = projector_weight_decay
         self.metrics = LoggedMetrics()
         self.add_callback(_ProjectorSteps(self))
+
+    def evaluate(self, eval_dataset: Any = None, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """``SFTTrainer.evaluate``; ``eval_dataset`` is a :class:`~mta.data.DistillationDataset`
+        (or a dict of them), as at construction."""
+        if eval_dataset is not None:
+            eval_dataset = _row_references(eval_dataset, "eval_dataset", self._sources)
+        return super().evaluate(eval_dataset, *args, **kwargs)
+
+    def predict(self, test_dataset: Any, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.predict`` on a :class:`~mta.data.DistillationDataset`."""
+        test_dataset = _row_references(test_dataset, "test_dataset", self._sources)
+        return super().predict(test_dataset, *args, **kwargs)
 
     @property
     def mta_loss(self) -> MTALoss:
