@@ -76,8 +76,8 @@ class _RowCollator:
 
 
 def _row_references(dataset: Any, key: str, sources: list[DistillationDataset]) -> Any:
-    """A ``datasets.Dataset`` of references to the rows of ``dataset`` (appended to
-    ``sources``); None stays None."""
+    """A ``datasets.Dataset`` of references to the rows of ``dataset`` (added to ``sources``
+    once); None stays None."""
     if dataset is None:
         return None
     if isinstance(dataset, dict):
@@ -91,8 +91,10 @@ def _row_references(dataset: Any, key: str, sources: list[DistillationDataset]) 
         )
     from datasets import Dataset
 
-    sources.append(dataset)
-    source = len(sources) - 1
+    known = [i for i, d in enumerate(sources) if d is dataset]
+    if not known:
+        sources.append(dataset)
+    source = known[0] if known else len(sources) - 1
     return Dataset.from_dict(
         {SOURCE_COLUMN: [source] * len(dataset), ROW_COLUMN: list(range(len(dataset)))}
     )
