@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -190,5 +191,10 @@ def teacher_forward(
 
 def _takes_logits_to_keep(teacher: nn.Module) -> bool:
     """Whether the model's forward takes ``logits_to_keep`` (a DeepSpeed engine's module's)."""
-    module = getattr(teacher, "module", teacher)
-    return "logits_to_keep" in inspect.signature(module.forward).parameters
+    return _forward_takes_logits_to_keep(type(getattr(teacher, "module", teacher)))
+
+
+@functools.cache
+def _forward_takes_logits_to_keep(model_class: type) -> bool:
+    # once per class: the signature is read on every step otherwise
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
