@@ -29,8 +29,8 @@ setup(
         "liger": ["liger-kernel>=0.5"],
         # LoRA students and teacher adapters (mta.lm_head applies a LoRA LM head in the fused loss)
         "peft": ["peft>=0.13"],
-        # mta.integrations.trl: MTA in TRL's SFTTrainer
-        "trl": ["trl>=1.0"],
+        # mta.integrations.trl: MTA in TRL's SFTTrainer and DistillationTrainer
+        "trl": ["trl>=1.10"],
         "train": [
             "transformers>=4.56",
             "accelerate>=0.34",

@@ -293,28 +293,57 @@ def _token_offsets(tokenizer: Any, ids: Sequence[int], text: str) -> np.ndarray:
     return offsets
 
 
+def _prompt_offsets(tokenizer: Any, prompt: str, prompt_ids: Sequence[int]) -> np.ndarray:
+    """int64[len(prompt_ids), 2] character ranges of ``prompt_ids`` in ``prompt``, which they
+    must tokenize exactly (with the tokenizer's special tokens or without: a prompt rendered by
+    a chat template holds its special tokens as text)."""
+    for special in (True, False):
+        enc = tokenizer(prompt, add_special_tokens=special, return_offsets_mapping=True)
+        if list(enc["input_ids"]) == list(prompt_ids):
+            return _offsets(enc)
+    raise ValueError(
+        f"the prompt's {len(prompt_ids)} tokens are not the tokenization of its text "
+        f"{prompt[:60]!r}{'…' if len(prompt) > 60 else ''} (with or without special tokens), so "
+        "its units cannot be placed on them: tokenize prompts with the student's tokenizer"
+    )
+
+
 def encode_generated(
-    tokenizer: Any, example: Example, response_ids: Sequence[int], max_length: int
+    tokenizer: Any,
+    example: Example,
+    response_ids: Sequence[int],
+    max_length: int,
+    *,
+    prompt_ids: Sequence[int] | None = None,
+    eos_token_ids: Sequence[int] | None = None,
 ) -> GeneratedExample:
     """Tokens, labels and text of ``example``'s prompt followed by a response the student
     sampled (``response_ids``: the generated tokens, padding after EOS allowed).
 
-    The prompt is tokenized as :class:`DistillationDataset` tokenizes it (so its tokens are those
-    the student was prompted with); the response keeps the sampled tokens, cut after the first
-    EOS or where prompt + response reach ``max_length``, and is decoded to text for the teacher's
-    tokenizer and the units. A response cut before EOS gets no EOS.
+    The prompt's tokens are ``prompt_ids`` when given (the tokens the student was prompted with,
+    which must tokenize ``example.prompt``), else the prompt tokenized as
+    :class:`DistillationDataset` tokenizes it; the response keeps the sampled tokens, cut after
+    the first EOS (any of ``eos_token_ids``, by default the tokenizer's) or where prompt +
+    response reach ``max_length``, and is decoded to text for the teacher's tokenizer and the
+    units. A response cut before EOS gets no EOS.
 
     Raises:
-        ValueError: the example has no prompt, or its prompt leaves no room for a response token.
+        ValueError: the example has no prompt, its prompt leaves no room for a response token,
+            or ``prompt_ids`` do not tokenize it.
     """
     if example.response_start == 0:
         raise ValueError(
             "student generation needs a prompt to sample from, but this example is plain text "
             "(a 'text' record): use instruction or prompt/output records"
         )
-    eos = tokenizer.eos_token_id
-    head = tokenizer(example.prompt, return_offsets_mapping=True)
-    prompt_ids = list(head["input_ids"])
+    eos_ids = {tokenizer.eos_token_id} if eos_token_ids is None else set(eos_token_ids)
+    eos_ids.discard(None)
+    if prompt_ids is None:
+        head = tokenizer(example.prompt, return_offsets_mapping=True)
+        prompt_ids, prompt_offsets = list(head["input_ids"]), _offsets(head)
+    else:
+        prompt_ids = [int(t) for t in prompt_ids]
+        prompt_offsets = _prompt_offsets(tokenizer, example.prompt, prompt_ids)
     room = max_length - len(prompt_ids)
     if room < 1:
         raise ValueError(
@@ -322,11 +351,12 @@ def encode_generated(
             f"max_length={max_length}"
         )
     response = [int(t) for t in response_ids]
-    if eos is not None and eos in response:
-        response = response[: response.index(eos) + 1]
+    first_eos = next((i for i, t in enumerate(response) if t in eos_ids), None)
+    if first_eos is not None:
+        response = response[: first_eos + 1]
     truncated = len(response) > room
     response = response[:room]
-    ends_with_eos = bool(response) and eos is not None and response[-1] == eos
+    ends_with_eos = bool(response) and response[-1] in eos_ids
     words = response[:-1] if ends_with_eos else response
     reply = tokenizer.decode(words, clean_up_tokenization_spaces=False) if words else ""
     prompt = example.prompt
@@ -334,7 +364,7 @@ def encode_generated(
     regions = tuple(r for r in example.regions if r[1] <= len(prompt))
     if reply.strip():
         regions += ((len(prompt), len(text)),)
-    offsets = [_offsets(head), _token_offsets(tokenizer, words, reply) + len(prompt)]
+    offsets = [prompt_offsets, _token_offsets(tokenizer, words, reply) + len(prompt)]
     if ends_with_eos:
         offsets.append(np.zeros((1, 2), np.int64))
     return GeneratedExample(

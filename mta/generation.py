@@ -64,6 +64,7 @@ __all__ = [
     "SampledBatch",
     "SampledExample",
     "StudentSampler",
+    "submit_units",
 ]
 
 GenerationMode = Literal["off", "on_policy", "adaptive"]
@@ -151,12 +152,17 @@ class AdaptiveThreshold:
 @dataclass
 class SampledExample:
     """One sampled response as trained on: the student's tokens and labels, the teacher's
-    tokens and offsets with two tokenizers, and its units (parsing, or parsed)."""
+    tokens and offsets with two tokenizers, and its units (parsing, or parsed).
+
+    ``pad_left``: columns of padding in front of the example's tokens in its batch (TRL's
+    left-padded prompts; the teacher's tokens are then the student's).
+    """
 
     generated: GeneratedExample
     teacher: tuple[list[int], np.ndarray, bool] | None
     units: PendingUnits | TextUnits | None
     unit_index: int = 0
+    pad_left: int = 0
 
     def text_units(self) -> TextUnits | None:
         if isinstance(self.units, PendingUnits):
@@ -182,13 +188,18 @@ class SampledExample:
             (None, False) if self.teacher is None else (self.teacher[1], self.teacher[2])
         )
         # the text is the decoded tokens, so the student side has nothing cut off
-        return example_unit_spans(
+        spans = example_unit_spans(
             units,
             self.generated.offsets,
             teacher_offsets,
             teacher_truncated=teacher_truncated,
             membership=membership,
         )
+        if self.pad_left:
+            if self.teacher is not None:
+                raise ValueError("a left-padded sampled example shares the teacher's tokens")
+            spans = {k: v + self.pad_left for k, v in spans.items()}
+        return spans
 
     def state(self) -> dict[str, Any]:
         """JSON-ready state (waits for the units)."""
@@ -294,6 +305,16 @@ class SampledBatch:
             k: v.to(device) if isinstance(v, Tensor) or k == PLAN_KEY else v
             for k, v in keys.items()
         }
+
+
+def submit_units(
+    units: UnitPool, generated: Sequence[GeneratedExample], rules: str
+) -> PendingUnits:
+    """Start parsing the units of sampled examples (within their content regions under the
+    paper's rules, in the whole text under the authors' code's)."""
+    texts = [g.example.text for g in generated]
+    regions = [g.example.regions for g in generated] if rules == "paper" else None
+    return units.submit(texts, regions)
 
 
 class StudentSampler:
@@ -444,11 +465,7 @@ class StudentSampler:
             encode_generated(self.tokenizer, e, r, self.max_length)
             for e, r in zip(examples, responses, strict=True)
         ]
-        pending = None
-        if self.units is not None:
-            texts = [g.example.text for g in generated]
-            regions = [g.example.regions for g in generated] if self.rules == "paper" else None
-            pending = self.units.submit(texts, regions)
+        pending = None if self.units is None else submit_units(self.units, generated, self.rules)
         out = []
         for i, g in enumerate(generated):
             teacher = None

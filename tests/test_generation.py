@@ -107,6 +107,30 @@ def test_generated_response_cut_at_max_length_gets_no_eos(toks):
     assert g.example.text == example.prompt + tok.decode(response[:3])
 
 
+@pytest.mark.parametrize("kind", ["bytelevel", "metaspace"])
+def test_given_prompt_tokens_and_several_eos_ids(toks, kind):
+    """Prompt tokens passed in (TRL tokenizes its prompts itself) are kept and placed in the
+    prompt's text, with or without the tokenizer's special tokens; the response ends at the
+    first of several EOS ids."""
+    tok = toks[kind]
+    example = PROMPTED[1]
+    reply = tok(" Cats sleep.", add_special_tokens=False)["input_ids"]
+    stop = tok.convert_tokens_to_ids(".")
+    default = encode_generated(tok, example, reply, MAX_LENGTH)
+    for special in (True, False):
+        prompt_ids = tok(example.prompt, add_special_tokens=special)["input_ids"]
+        g = encode_generated(tok, example, reply, MAX_LENGTH, prompt_ids=prompt_ids)
+        assert g.input_ids == prompt_ids + reply and g.n_prompt == len(prompt_ids)
+        assert g.example == default.example
+        assert np.array_equal(g.offsets[g.n_prompt :], default.offsets[default.n_prompt :])
+    eos = [tok.eos_token_id, stop]
+    g = encode_generated(tok, example, [*reply, 7, 8], MAX_LENGTH, eos_token_ids=eos)
+    assert g.input_ids[g.n_prompt :] == reply[: reply.index(stop) + 1] and g.ends_with_eos
+    assert g.offsets[-1].tolist() == [0, 0]  # an EOS is not text
+    with pytest.raises(ValueError, match="not the tokenization of its text"):
+        encode_generated(tok, example, reply, MAX_LENGTH, prompt_ids=default.input_ids[1:4])
+
+
 def test_non_canonical_sample_keeps_its_tokens(toks):
     """A sampled tokenization that re-encoding would not give (one token per character of `` the``)
     keeps the sampled ids; offsets then come from the decoded prefixes."""

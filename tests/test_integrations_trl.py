@@ -1,12 +1,15 @@
-"""mta.integrations.trl: MTA in TRL's SFTTrainer.
+"""mta.integrations.trl: MTA in TRL's SFTTrainer and DistillationTrainer.
 
 One step of ``MTASFTTrainer`` equals one step of ``MTATrainer`` with ``base_loss="ce"`` on the
-same batch (loss and every gradient, student and projectors). Tolerance: rtol 1e-5 in float32;
-SFTTrainer's cross-entropy comes from its fused LM head (tiled log-softmax) and MTATrainer's
-from the full logits, the same sums in another order.
+same batch, and one step of ``MTADistillationTrainer`` one of ``MTATrainer`` with the divergence
+of its ``beta`` (0: ``fkl``, 0.5: ``jsd``, 1: ``rkl``) on the batch it generated (loss and every
+gradient, student and projectors). Tolerance: rtol 1e-5 in float32; TRL's losses come from its
+chunked LM-head kernels (tiled log-softmax) and MTATrainer's from the full logits, the same sums
+in another order.
 """
 
 import copy
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -14,19 +17,33 @@ import torch
 from training_helpers import (
     EXAMPLES,
     examples_dataset,
-    gpt2,
     make_tokenizer,
     tiny_run_arguments,
     tiny_trainer,
+    torchrun,
 )
 
 from mta.checkpoints import PROJECTORS_NAME
 from mta.data import DistillationCollator, pad_token_id
 from mta.layers import plan_layers
 from mta.loss import MTALoss
+from mta.spans import extract_units
+from mta.unit_pool import UnitPool
 
 trl = pytest.importorskip("trl")
-from mta.integrations.trl import MTASFTTrainer  # noqa: E402 (needs trl)
+datasets = pytest.importorskip("datasets")
+from trl_helpers import (  # noqa: E402 (needs trl)
+    PROMPTS,
+    distillation_trainer,
+    models,
+    sft_trainer,
+)
+
+from mta.integrations.trl import (  # noqa: E402 (needs trl)
+    UNITS_KEY,
+    MTADistillationTrainer,
+    MTASFTTrainer,
+)
 
 pytestmark = pytest.mark.usefixtures("eager_mta_ops")
 
@@ -34,32 +51,6 @@ pytestmark = pytest.mark.usefixtures("eager_mta_ops")
 @pytest.fixture(scope="module")
 def tok():
     return make_tokenizer([e.text for e in EXAMPLES], "bytelevel", 300)
-
-
-def models(tok):
-    torch.manual_seed(0)
-    teacher, student = gpt2(tok, 4, 48), gpt2(tok, 2, 32)
-    return teacher, student, MTALoss(32, 48, plan_layers(2, 4, num_key_layers=2))
-
-
-def sft_trainer(tmp_path, tok, teacher, student, mta_loss, eval_dataset=None, **overrides):
-    settings = {
-        **tiny_run_arguments(tmp_path, None, "ce"),
-        "per_device_train_batch_size": 3,
-        "bf16": False,  # SFTConfig's default; MTATrainer's reference runs in float32
-        **overrides,
-    }
-    settings.pop("base_loss")
-    return MTASFTTrainer(
-        model=student,
-        teacher_model=teacher,
-        mta_loss=mta_loss,
-        args=trl.SFTConfig(**settings),
-        data_collator=DistillationCollator(pad_token_id(tok)),
-        train_dataset=examples_dataset(tok),
-        eval_dataset=eval_dataset,
-        processing_class=tok,
-    )
 
 
 def step(trainer, model, student, projectors, batch, num_items):
@@ -72,17 +63,24 @@ def step(trainer, model, student, projectors, batch, num_items):
     return loss.detach(), grads
 
 
-@pytest.mark.parametrize("num_items", [None, 57])
-def test_one_step_equals_mtatrainer(tmp_path, tok, num_items):
-    teacher, student, mta_loss = models(tok)
+def reference_trainer(tmp_path, tok, teacher, student, mta_loss, base_loss):
+    """The MTATrainer whose step an adapter's step must equal: copies of the models, the
+    projectors of ``mta_loss``, the logits path."""
     reference = tiny_trainer(
         copy.deepcopy(teacher),
         copy.deepcopy(student),
         tok,
         examples_dataset(tok),
-        {**tiny_run_arguments(tmp_path / "mta", None, "ce"), "fused_lm_head": "off"},
+        {**tiny_run_arguments(tmp_path / "mta", None, base_loss), "fused_lm_head": "off"},
     )
     reference.wrapper.mta_loss.load_state_dict(mta_loss.state_dict())
+    return reference
+
+
+@pytest.mark.parametrize("num_items", [None, 57])
+def test_one_step_equals_mtatrainer(tmp_path, tok, num_items):
+    teacher, student, mta_loss = models(tok)
+    reference = reference_trainer(tmp_path, tok, teacher, student, mta_loss, "ce")
     adapter = sft_trainer(tmp_path / "sft", tok, teacher, student, mta_loss)
     batch = reference.data_collator([reference.train_dataset[i] for i in range(3)])
     want_loss, want = step(
@@ -196,3 +194,220 @@ def test_evaluate_takes_a_distillation_dataset(tmp_path, tok):
 def test_dataset_preparation_settings_are_refused(tmp_path, tok, setting):
     with pytest.raises(ValueError, match=f"SFTConfig.{setting}=True acts while SFTTrainer"):
         sft_trainer(tmp_path, tok, *models(tok), **{setting: True})
+
+
+# ---- MTADistillationTrainer --------------------------------------------------------------
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def units(nlp):
+    with UnitPool(nlp, processes=0) as pool:
+        yield pool
+
+
+def generated(trainer, n=3):
+    """A generated batch of ``n`` training rows (the student samples, as in a step)."""
+    trainer.model.train()
+    return trainer._generate_and_score_completions([trainer.train_dataset[i] for i in range(n)])
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat"])
+def test_generated_rows_carry_the_units_of_their_text(tmp_path, tok, units, nlp, chat):
+    """Each row's tokens are TRL's (prompt left-padded, completion after it); its units are
+    extract_units of its text within the content (the prompt's, or the messages', and the
+    completion), and every unit's token range, in the batch's columns, decodes to its words."""
+    tok = copy.deepcopy(tok)
+    tok.chat_template = CHAT_TEMPLATE
+    prompts = [[{"role": "user", "content": p}] for p in PROMPTS] if chat else PROMPTS
+    # sampled byte-level tokens may split a character, which decodes on its own as U+FFFD
+    split = [i for i in range(len(tok)) if "\ufffd" in tok.decode([i])]
+    trainer = distillation_trainer(
+        tmp_path,
+        tok,
+        *models(tok),
+        units,
+        prompts=prompts,
+        generation_kwargs={"suppress_tokens": split},
+        pad_to_multiple_of=8 if chat else None,  # TRL's padding, on both sides of the rows
+    )
+    batch = generated(trainer)
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1).bool()
+    rows = batch[UNITS_KEY]
+    texts = [r.generated.example.text for r in rows]
+    regions = [r.generated.example.regions for r in rows]
+    want = extract_units(texts, nlp, regions=regions)
+    for b, row in enumerate(rows):
+        g = row.generated
+        assert ids[b][mask[b]].tolist() == g.input_ids
+        assert row.pad_left == int((~batch["prompt_mask"][b].bool()).sum())
+        assert row.text_units() == want[b]
+        prompt_region = g.example.regions[0]
+        if chat:  # the message's content only, not the template around it
+            assert g.example.text[slice(*prompt_region)] == PROMPTS[b]
+            assert g.example.text.startswith("<|user|>")
+        else:
+            assert prompt_region == (0, len(PROMPTS[b]))
+        spans = row.unit_item(trainer.membership)
+        for s, e in spans["word_student_spans"]:
+            assert mask[b, s:e].all()
+        words = [g.example.text[a:z] for a, z in want[b].words]
+        decoded = [tok.decode(ids[b, s:e]) for s, e in spans["word_student_spans"]]
+        assert len(decoded) == len(words)
+        for word, text in zip(words, decoded, strict=True):
+            assert word in text, (word, text)
+
+
+def test_shuffled_micro_batches_keep_their_rows_units(tmp_path, tok, units):
+    """TRL shuffles a generation batch and splits it into micro-batches: each row's units
+    travel with it."""
+    trainer = distillation_trainer(
+        tmp_path,
+        tok,
+        *models(tok),
+        units,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=3,
+    )
+    trainer.model.train()
+    trainer._prepare_inputs([trainer.train_dataset[i] for i in range(3)])
+    prompts = set()
+    for micro in trainer._buffered_inputs:
+        (row,) = micro[UNITS_KEY]
+        ids = torch.cat([micro["prompt_ids"], micro["completion_ids"]], dim=1)[0]
+        mask = torch.cat([micro["prompt_mask"], micro["completion_mask"]], dim=1)[0].bool()
+        assert ids[mask].tolist() == row.generated.input_ids
+        prompts.add(row.generated.example.prompt)
+    assert prompts == set(PROMPTS)
+
+
+@pytest.mark.parametrize("beta, kind", [(0.0, "fkl"), (0.5, "jsd"), (1.0, "rkl")])
+def test_distillation_step_equals_mtatrainer(tmp_path, tok, units, beta, kind):
+    teacher, student, mta_loss = models(tok)
+    reference = reference_trainer(tmp_path, tok, teacher, student, mta_loss, kind)
+    adapter = distillation_trainer(
+        tmp_path / "trl", tok, teacher, student, mta_loss, units, beta=beta
+    )
+    batch = generated(adapter)
+    assert batch["prompt_mask"].min() == 0  # rows of unequal prompts: left padding is exercised
+    got_loss, got = step(adapter, adapter.model, adapter.model, adapter.mta_loss, batch, None)
+    # the same rows as MTATrainer takes them: tokens, the completion as labels, the same units
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    targets = torch.cat([torch.zeros_like(batch["prompt_mask"]), batch["completion_mask"]], 1)
+    attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    rows = {"input_ids": ids, "attention_mask": attention}
+    DistillationCollator.add_units(rows, [r.unit_item("overlap") for r in batch[UNITS_KEY]])
+    rows["labels"] = ids.masked_fill(targets == 0, -100)
+    want_loss, want = step(
+        reference,
+        reference.model,
+        reference.student,
+        reference.mta_loss,
+        rows,
+        batch["num_items_in_batch"],
+    )
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=0)
+    assert got.keys() == want.keys()
+    for name, grad in want.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_distillation_trains_logs_saves_and_resumes(tmp_path, tok, units):
+    """Accumulating two micro-batches per step: the components are logged, checkpoints hold
+    the projectors, and resuming from one reloads them and ends where the full run ends."""
+    settings = {
+        "max_steps": 4,
+        "save_strategy": "steps",
+        "save_steps": 2,
+        "per_device_train_batch_size": 1,
+        "gradient_accumulation_steps": 3,
+    }
+    full = distillation_trainer(tmp_path / "a", tok, *models(tok), units, **settings)
+    full.train()
+    logged = full.state.log_history[0]
+    assert logged["dsa"] > 0 and logged["hra"] > 0 and "entropy" in logged
+    checkpoint = tmp_path / "a" / "checkpoint-2"
+    assert {"model.safetensors", PROJECTORS_NAME} <= {p.name for p in checkpoint.iterdir()}
+    resumed = distillation_trainer(tmp_path / "b", tok, *models(tok), units, **settings)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    for mine, theirs in ((resumed.model, full.model), (resumed.mta_loss, full.mta_loss)):
+        for (name, a), b in zip(
+            mine.state_dict().items(), theirs.state_dict().values(), strict=True
+        ):
+            assert torch.equal(a, b), name
+    assert all(p.grad is None for p in resumed.mta_loss.parameters())
+
+
+def test_distillation_evaluates_with_the_term(tmp_path, tok, units):
+    trainer = distillation_trainer(tmp_path, tok, *models(tok), units)
+    metrics = trainer.evaluate(eval_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}))
+    assert metrics["eval_dsa"] > 0 and metrics["eval_hra"] > 0 and "eval_loss" in metrics
+
+
+def test_distillation_refusals(tmp_path, tok, units):
+    teacher, student, mta_loss = models(tok)
+    with pytest.raises(TypeError, match="needs model loaded"):
+        distillation_trainer(tmp_path, tok, teacher, "gpt2", mta_loss, units)
+    with pytest.raises(ValueError, match="does not take tools"):
+        MTADistillationTrainer(student, teacher, mta_loss=mta_loss, tools=[len])
+    with pytest.raises(ValueError, match="rules='authors_code' but the MTA loss is the 'paper'"):
+        distillation_trainer(
+            tmp_path, tok, teacher, student, mta_loss, UnitPool(processes=0, rules="authors_code")
+        )
+    trainer = distillation_trainer(tmp_path, tok, teacher, student, mta_loss, units)
+    with pytest.raises(ValueError, match="not the tokenization of its text"):
+        trainer._row_units(
+            ["Another prompt entirely."],
+            {
+                "prompt_ids": torch.tensor([[5, 6, 7]]),
+                "prompt_mask": torch.ones(1, 3, dtype=torch.long),
+                "completion_ids": torch.tensor([[8]]),
+                "completion_mask": torch.ones(1, 1, dtype=torch.long),
+            },
+        )
+
+
+def test_distillation_trains_a_lora_student(tmp_path, tok, units):
+    """A LoRA student (TRL's peft_config): the term reaches the adapter through the hooked
+    backbone of the PeftModel, and the export holds the adapter and the projectors."""
+    peft = pytest.importorskip("peft")
+    teacher, student, mta_loss = models(tok)
+    lora = peft.LoraConfig(target_modules=["c_attn"], r=4, lora_alpha=8)
+    trainer = distillation_trainer(
+        tmp_path, tok, teacher, student, mta_loss, units, peft_config=lora
+    )
+    assert isinstance(trainer.model, peft.PeftModel)
+    batch = generated(trainer)
+    trainer.compute_loss(trainer.model, batch).backward()
+    adapter = {n: p.grad for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert adapter and all("lora_" in n and g is not None for n, g in adapter.items())
+    # B starts at zero, so only B has a gradient at the first step
+    assert all(g.abs().sum() > 0 for n, g in adapter.items() if "lora_B" in n)
+    assert all(p.grad is not None for p in trainer.mta_loss.parameters())
+    trainer.model.zero_grad()
+    trainer.train()
+    assert trainer.state.log_history[0]["dsa"] > 0
+    trainer.save_model(str(tmp_path / "final"))
+    saved = {p.name for p in (tmp_path / "final").iterdir()}
+    assert {"adapter_model.safetensors", PROJECTORS_NAME} <= saved
+
+
+@pytest.mark.parametrize("kind", ["sft", "distillation"])
+def test_ddp_processes_end_with_the_same_projectors(tmp_path, kind):
+    """Two processes train on different rows (or samples): their students and projectors end
+    equal, so the projectors' gradients were all-reduced, and they moved."""
+    if kind == "distillation":
+        pytest.importorskip("spacy")
+    torchrun(2, str(Path(__file__).parent / "trl_ddp_worker.py"), kind, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0].keys() == ranks[1].keys()
+    for name, value in ranks[0].items():
+        assert torch.equal(value, ranks[1][name]), name
+    _, _, initial = models(make_tokenizer([e.text for e in EXAMPLES], "bytelevel", 300))
+    moved = [not torch.equal(v, ranks[0][f"mta.{k}"]) for k, v in initial.state_dict().items()]
+    assert any(moved)

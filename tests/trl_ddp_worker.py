@@ -1,0 +1,44 @@
+"""Worker of the DDP test in tests/test_integrations_trl.py, launched by ``torchrun
+--nproc_per_node 2`` on CPU (gloo): ``trl_ddp_worker.py {sft,distillation} OUT``.
+
+Every process builds the same adapter (the same tiny models) and trains it two steps on its own
+share of the batches (SFT: the sampler's shard of the rows; distillation: completions each
+process samples with its own seed), then saves its student and projectors to
+``OUT/rank{r}.pt``. DDP all-reduces the student's gradients and, through their own DDP
+wrapper, the projectors': the processes must end with the same weights.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+from training_helpers import EXAMPLES, make_tokenizer
+from trl_helpers import PROMPTS, distillation_trainer, models, sft_trainer
+
+import mta_kernels
+from mta.unit_pool import UnitPool
+
+
+def main(kind: str, out: str) -> None:
+    tok = make_tokenizer([e.text for e in EXAMPLES], "bytelevel", 300)
+    settings = {"ddp_backend": "gloo", "per_device_train_batch_size": 2}
+    with mta_kernels.prefer_reference(), UnitPool(processes=0) as units:
+        if kind == "sft":
+            trainer = sft_trainer(out, tok, *models(tok), **settings)
+        else:
+            # a generation batch is 2 processes × 2 rows: 4 of the 6 prompts per step
+            prompts = PROMPTS * 2
+            trainer = distillation_trainer(out, tok, *models(tok), units, prompts, **settings)
+        trainer.train()
+    weights = {
+        f"student.{k}": v
+        for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()
+    }
+    weights |= {f"mta.{k}": v for k, v in trainer.mta_loss.state_dict().items()}
+    torch.save(weights, f"{out}/rank{dist.get_rank()}.pt")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
