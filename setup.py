@@ -30,7 +30,7 @@ setup(
         # LoRA students and teacher adapters (mta.lm_head applies a LoRA LM head in the fused loss)
         "peft": ["peft>=0.13"],
         # mta.integrations.trl: MTA in TRL's SFTTrainer and DistillationTrainer
-        "trl": ["trl>=1.10"],
+        "trl": ["trl>=1.14.2"],
         "train": [
             "transformers>=4.56",
             "accelerate>=0.34",

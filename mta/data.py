@@ -27,7 +27,7 @@ with the batch's :class:`~mta.unit_plan.UnitPlan` built from them (``"unit_plan"
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,6 +201,68 @@ def format_record(
     return Example(text, len(prompt), tuple(regions))
 
 
+def _content_marker(n: int) -> str:
+    # private-use characters: no real content holds them, and ``trim`` leaves them in place
+    return f"\ue000mta-content-{n}\ue001"
+
+
+def chat_prompt_example(
+    render: Callable[[list[dict[str, Any]]], str], messages: Sequence[Mapping[str, Any]]
+) -> Example:
+    """A conversation as a prompt :class:`Example`: ``render(messages)`` (the chat template's
+    text), its content regions the messages' contents.
+
+    Each content is located by rendering the conversation once more with a unique marker in its
+    place, so the template's own text (role markup, a system prompt it adds) is never taken for
+    content, even where it holds a content's words. The contents put back in the markers' places
+    must give the real rendering, verbatim or stripped of surrounding whitespace (templates that
+    ``trim``).
+
+    Raises:
+        ValueError: a content is not a string, the template renders a content other than once
+            or out of order, or not as the contents themselves.
+    """
+    contents = []
+    for n, message in enumerate(messages):
+        content = message.get("content")
+        if not isinstance(content, str):
+            raise ValueError(
+                f"message {n} of a prompt has content of type {type(content).__name__}: MTA "
+                "aligns text units, so message contents must be strings"
+            )
+        contents.append(content)
+    text = render([dict(m) for m in messages])
+    marked = render([{**m, "content": _content_marker(n)} for n, m in enumerate(messages)])
+    pieces, cursor = [], 0  # the template's text between the contents
+    for n in range(len(messages)):
+        marker = _content_marker(n)
+        count = marked.count(marker)
+        if count != 1:
+            how = "leaves out or transforms" if count == 0 else f"renders {count} times"
+            raise ValueError(
+                f"the chat template {how} message {n}'s content, so its units cannot be placed "
+                "in the prompt's text"
+            )
+        start = marked.index(marker)
+        if start < cursor:
+            raise ValueError(f"the chat template renders message {n}'s content out of order")
+        pieces.append(marked[cursor:start])
+        cursor = start + len(marker)
+    for placed in (contents, [c.strip() for c in contents]):
+        rebuilt, regions = "", []
+        for piece, content in zip(pieces, placed, strict=True):
+            rebuilt += piece
+            if content:
+                regions.append((len(rebuilt), len(rebuilt) + len(content)))
+            rebuilt += content
+        if rebuilt + marked[cursor:] == text:
+            return Example(text, len(text), tuple(regions))
+    raise ValueError(
+        "the chat template does not render the messages' contents as they are (nor stripped), "
+        "so their units cannot be placed in the prompt's text"
+    )
+
+
 def _offsets(enc: Any, shift: int = 0) -> np.ndarray:
     return np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2) + shift
 
@@ -303,8 +365,8 @@ def _prompt_offsets(tokenizer: Any, prompt: str, prompt_ids: Sequence[int]) -> n
             return _offsets(enc)
     raise ValueError(
         f"the prompt's {len(prompt_ids)} tokens are not the tokenization of its text "
-        f"{prompt[:60]!r}{'…' if len(prompt) > 60 else ''} (with or without special tokens), so "
-        "its units cannot be placed on them: tokenize prompts with the student's tokenizer"
+        f"{prompt[:60]!r}{'…' if len(prompt) > 60 else ''} (with or without special tokens) by "
+        f"{type(tokenizer).__name__}, so its units cannot be placed on them"
     )
 
 

@@ -164,6 +164,15 @@ class SampledExample:
     unit_index: int = 0
     pad_left: int = 0
 
+    def __post_init__(self) -> None:
+        if self.pad_left < 0:
+            raise ValueError(f"pad_left must be >= 0, got {self.pad_left}")
+        if self.pad_left and self.teacher is not None:
+            raise ValueError(
+                "a left-padded sampled example (pad_left > 0) has no teacher tokens of its own: "
+                "its teacher reads the student's tokens"
+            )
+
     def text_units(self) -> TextUnits | None:
         if isinstance(self.units, PendingUnits):
             self.units, self.unit_index = self.units.result()[self.unit_index], 0
@@ -196,8 +205,6 @@ class SampledExample:
             membership=membership,
         )
         if self.pad_left:
-            if self.teacher is not None:
-                raise ValueError("a left-padded sampled example shares the teacher's tokens")
             spans = {k: v + self.pad_left for k, v in spans.items()}
         return spans
 
@@ -217,6 +224,7 @@ class SampledExample:
             if self.teacher is None
             else [self.teacher[0], self.teacher[1].tolist(), self.teacher[2]],
             "units": None if units is None else [units.words.tolist(), units.phrases.tolist()],
+            "pad_left": self.pad_left,
         }
 
     @classmethod
@@ -245,7 +253,8 @@ class SampledExample:
                 np.asarray(units[0], np.int64).reshape(-1, 2),
                 np.asarray(units[1], np.int64).reshape(-1, 2),
             )
-        return cls(generated, teacher, units)
+        # states written before rows were left-padded have no pad_left
+        return cls(generated, teacher, units, pad_left=state.get("pad_left", 0))
 
 
 class ReplayBuffer:

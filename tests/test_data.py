@@ -20,6 +20,7 @@ from mta.data import (
     DistillationDataset,
     Example,
     build_dataset,
+    chat_prompt_example,
     format_record,
     load_units,
     pad_token_id,
@@ -93,6 +94,94 @@ def test_read_jsonl(tmp_path):
         read_jsonl(path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_jsonl(tmp_path / "missing.jsonl")
+
+
+# ---------------------------------------------------------------------------- chat prompts
+
+#: A template in the style of Qwen's: a default system prompt when the conversation has none.
+SYSTEM_DEFAULT = (
+    "{% if messages[0]['role'] != 'system' %}<|system|>You are a helpful assistant. Help the "
+    "user.\n{% endif %}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+#: Llama 3's way: every content trimmed.
+TRIMMING = (
+    "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] | trim }}\n{% endfor %}"
+    "{% if add_generation_prompt %}[assistant] {% endif %}"
+)
+CONVERSATION = [
+    {"role": "user", "content": "help"},
+    {"role": "assistant", "content": "What do you need help with?"},
+    {"role": "user", "content": "  A user helps. "},
+]
+
+
+def render_with(tokenizers_, template):
+    tok = tokenizers_["bytelevel"]
+
+    def render(messages):
+        return tok.apply_chat_template(
+            messages, chat_template=template, add_generation_prompt=True, tokenize=False
+        )
+
+    return render
+
+
+@pytest.mark.parametrize(
+    ("template", "contents"),
+    [
+        (SYSTEM_DEFAULT, [m["content"] for m in CONVERSATION]),
+        (TRIMMING, [m["content"].strip() for m in CONVERSATION]),
+    ],
+    ids=["default-system-prompt", "trimming"],
+)
+def test_chat_prompt_regions_are_the_message_contents(tokenizers_, template, contents):
+    """Each region is its message's content where the template put it, never the template's
+    text holding the same words ("help" in the default system prompt)."""
+    render = render_with(tokenizers_, template)
+    ex = chat_prompt_example(render, CONVERSATION)
+    assert ex.text == render(CONVERSATION) and ex.response_start == len(ex.text)
+    assert [ex.text[s:e] for s, e in ex.regions] == contents
+    marker = ex.text.index("<|user|>") if template == SYSTEM_DEFAULT else ex.text.index("[user]")
+    assert ex.regions[0][0] > marker  # not the "Help" of the system prompt before it
+
+
+def test_chat_prompt_skips_empty_contents(tokenizers_):
+    messages = [{"role": "system", "content": ""}, {"role": "user", "content": "Hi there."}]
+    ex = chat_prompt_example(render_with(tokenizers_, SYSTEM_DEFAULT), messages)
+    assert [ex.text[s:e] for s, e in ex.regions] == ["Hi there."]
+
+
+@pytest.mark.parametrize(
+    ("template", "messages", "match"),
+    [
+        (SYSTEM_DEFAULT, [{"role": "user", "content": None}], "content of type NoneType"),
+        (
+            "{% for m in messages %}{{ m['content'] }}|{{ m['content'] }}{% endfor %}",
+            CONVERSATION[:1],
+            "renders 2 times message 0's content",
+        ),
+        (
+            "{% for m in messages|reverse %}{{ m['content'] }}{% endfor %}",
+            CONVERSATION[:2],
+            "renders message 1's content out of order",
+        ),
+        (
+            "{% for m in messages %}{{ m['content'] | upper }}{% endfor %}",
+            CONVERSATION[:1],
+            "leaves out or transforms message 0's content",
+        ),
+        (
+            "{% for m in messages %}{{ m['content'].replace('help', 'aid') }}{% endfor %}",
+            CONVERSATION[:1],
+            "does not render the messages' contents as they are",
+        ),
+    ],
+    ids=["not-text", "twice", "reordered", "transformed", "edited"],
+)
+def test_chat_prompt_errors(tokenizers_, template, messages, match):
+    with pytest.raises(ValueError, match=match):
+        chat_prompt_example(render_with(tokenizers_, template), messages)
 
 
 # ---------------------------------------------------------------------------- tokenization

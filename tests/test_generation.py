@@ -131,6 +131,30 @@ def test_given_prompt_tokens_and_several_eos_ids(toks, kind):
         encode_generated(tok, example, reply, MAX_LENGTH, prompt_ids=default.input_ids[1:4])
 
 
+def test_left_padded_example_shifts_its_spans_and_keeps_its_padding(toks):
+    """A row placed after ``pad_left`` padding columns (TRL's left-padded prompts): its unit
+    spans move by the padding, its state keeps it, and it cannot carry teacher tokens."""
+    tok = toks["bytelevel"]
+    example = PROMPTED[1]
+    g = encode_generated(tok, example, tok(" Cats sleep.")["input_ids"], MAX_LENGTH)
+    units = regex_units(g.example)
+    flush = SampledExample(g, None, units).unit_item("overlap")
+    padded = SampledExample(g, None, units, pad_left=3)
+    shifted = padded.unit_item("overlap")
+    assert len(flush["word_student_spans"]) > 0 and shifted.keys() == flush.keys()
+    for key, spans in flush.items():
+        if key.endswith("_spans"):
+            assert np.array_equal(shifted[key], spans + 3), key
+    again = SampledExample.from_state(json.loads(json.dumps(padded.state())))
+    assert again.pad_left == 3
+    assert all(np.array_equal(again.unit_item("overlap")[k], v) for k, v in shifted.items())
+    teacher = (g.input_ids, g.offsets, False)
+    with pytest.raises(ValueError, match="has no teacher tokens of its own"):
+        SampledExample(g, teacher, units, pad_left=3)
+    with pytest.raises(ValueError, match="pad_left must be >= 0"):
+        SampledExample(g, None, units, pad_left=-1)
+
+
 def test_non_canonical_sample_keeps_its_tokens(toks):
     """A sampled tokenization that re-encoding would not give (one token per character of `` the``)
     keeps the sampled ids; offsets then come from the decoded prefixes."""

@@ -9,11 +9,13 @@ in another order.
 """
 
 import copy
+import types
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
+import transformers
 from training_helpers import (
     EXAMPLES,
     examples_dataset,
@@ -43,6 +45,7 @@ from mta.integrations.trl import (  # noqa: E402 (needs trl)
     UNITS_KEY,
     MTADistillationTrainer,
     MTASFTTrainer,
+    capture_hidden_states,
 )
 
 pytestmark = pytest.mark.usefixtures("eager_mta_ops")
@@ -53,8 +56,30 @@ def tok():
     return make_tokenizer([e.text for e in EXAMPLES], "bytelevel", 300)
 
 
-def step(trainer, model, student, projectors, batch, num_items):
-    """Loss and gradients (by name) of one micro-batch through ``trainer.compute_loss``."""
+@pytest.mark.parametrize("caller_asks", [False, True])
+def test_capture_keeps_the_wanted_layers_only(tok, caller_asks):
+    """The kept layers are the backbone's ``hidden_states``; the output returns them only when
+    its caller asked for them, so the other layers are freed once the forward ends."""
+    _, student, _ = models(tok)
+    ids = torch.tensor([[5, 9, 13, 2]])
+    want = student(ids, output_hidden_states=True).hidden_states
+    with capture_hidden_states(student, [0, 2]) as captured:
+        out = student(ids, output_hidden_states=caller_asks)
+    assert set(captured.get()) == {0, 2}
+    for layer in (0, 2):
+        torch.testing.assert_close(captured.get()[layer], want[layer], rtol=0, atol=0)
+    assert (out.hidden_states is not None) == caller_asks
+    with (
+        pytest.raises(RuntimeError, match="no forward of the model's backbone ran"),
+        capture_hidden_states(student, [1]) as idle,
+    ):
+        idle.get()
+
+
+def step(trainer, model, student, projectors, batch, num_items, accumulation=1):
+    """Loss and gradients (by name) of one micro-batch through ``trainer.compute_loss``, as the
+    first of a step of ``accumulation`` micro-batches (what ``Trainer.train`` sets)."""
+    trainer.current_gradient_accumulation_steps = accumulation
     model.train()
     loss = trainer.compute_loss(model, batch, num_items_in_batch=num_items)
     loss.backward()
@@ -77,8 +102,9 @@ def reference_trainer(tmp_path, tok, teacher, student, mta_loss, base_loss):
     return reference
 
 
+@pytest.mark.parametrize("accumulation", [1, 3])
 @pytest.mark.parametrize("num_items", [None, 57])
-def test_one_step_equals_mtatrainer(tmp_path, tok, num_items):
+def test_one_step_equals_mtatrainer(tmp_path, tok, num_items, accumulation):
     teacher, student, mta_loss = models(tok)
     reference = reference_trainer(tmp_path, tok, teacher, student, mta_loss, "ce")
     adapter = sft_trainer(tmp_path / "sft", tok, teacher, student, mta_loss)
@@ -90,9 +116,16 @@ def test_one_step_equals_mtatrainer(tmp_path, tok, num_items):
         reference.mta_loss,
         dict(batch),
         num_items,
+        accumulation,
     )
     got_loss, got = step(
-        adapter, adapter.model, adapter.model, adapter.mta_loss, dict(batch), num_items
+        adapter,
+        adapter.model,
+        adapter.model,
+        adapter.mta_loss,
+        dict(batch),
+        num_items,
+        accumulation,
     )
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=0)
     assert got.keys() == want.keys()
@@ -173,7 +206,14 @@ def test_label_smoothing_keeps_the_mta_gradient(tmp_path, tok):
             32, 48, plan_layers(2, 4, num_key_layers=2), lambda_dsa=lam, lambda_hra=lam
         )
         trainer = sft_trainer(
-            tmp_path / str(lam), tok, teacher, student, mta_loss, label_smoothing_factor=0.1
+            tmp_path / str(lam),
+            tok,
+            teacher,
+            student,
+            mta_loss,
+            label_smoothing_factor=0.1,
+            # TRL 1.14's default chunked_nll fails under label smoothing with or without MTA
+            loss_type="nll",
         )
         batch = trainer.data_collator([{"mta_source": 0, "mta_row": i} for i in range(3)])
         trainer.compute_loss(trainer.model.train(), batch).backward()
@@ -198,7 +238,9 @@ def test_dataset_preparation_settings_are_refused(tmp_path, tok, setting):
 
 # ---- MTADistillationTrainer --------------------------------------------------------------
 
+#: A template adding a system prompt that holds one of the prompts' text.
 CHAT_TEMPLATE = (
+    "<|system|>\nYou answer prompts such as: " + PROMPTS[1] + "\n"
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
@@ -250,17 +292,43 @@ def test_generated_rows_carry_the_units_of_their_text(tmp_path, tok, units, nlp,
         prompt_region = g.example.regions[0]
         if chat:  # the message's content only, not the template around it
             assert g.example.text[slice(*prompt_region)] == PROMPTS[b]
-            assert g.example.text.startswith("<|user|>")
+            assert prompt_region[0] == g.example.text.index("<|user|>\n") + len("<|user|>\n")
         else:
             assert prompt_region == (0, len(PROMPTS[b]))
         spans = row.unit_item(trainer.membership)
         for s, e in spans["word_student_spans"]:
             assert mask[b, s:e].all()
         words = [g.example.text[a:z] for a, z in want[b].words]
-        decoded = [tok.decode(ids[b, s:e]) for s, e in spans["word_student_spans"]]
-        assert len(decoded) == len(words)
-        for word, text in zip(words, decoded, strict=True):
-            assert word in text, (word, text)
+        assert len(spans["word_student_spans"]) == len(words)
+        for word, (s, e) in zip(words, spans["word_student_spans"], strict=True):
+            assert word in tok.decode(ids[b, s:e]), (word, s, e)
+            # and no token more than the word needs
+            assert word not in tok.decode(ids[b, s + 1 : e]), (word, s, e)
+            assert word not in tok.decode(ids[b, s : e - 1]), (word, s, e)
+
+
+def test_completions_end_at_any_of_the_students_eos_ids(tmp_path, tok, units):
+    """The student's generation config lists a second EOS id (TRL stops at any of them): each
+    row's completion ends there, with the stop token learned but not taken for text."""
+    teacher, student, mta_loss = models(tok)
+    stop = tok.convert_tokens_to_ids(".")
+    student.generation_config.eos_token_id = [tok.eos_token_id, stop]
+    words = tok(" the sky", add_special_tokens=False)["input_ids"]
+    # every prefix of it biased, the longer ones more (a lone token's bias applies after any
+    # token): each row samples exactly it
+    forced = [*words, stop]
+    bias = {tuple(forced[: n + 1]): 100.0 * (n + 1) for n in range(len(forced))}
+    trainer = distillation_trainer(
+        tmp_path, tok, teacher, student, mta_loss, units, generation_kwargs={"sequence_bias": bias}
+    )
+    batch = generated(trainer)
+    for b, row in enumerate(batch[UNITS_KEY]):
+        g = row.generated
+        completion = batch["completion_ids"][b][batch["completion_mask"][b].bool()].tolist()
+        assert completion == forced and g.input_ids[g.n_prompt :] == forced
+        assert g.ends_with_eos and not g.truncated and g.offsets[-1].tolist() == [0, 0]
+        assert g.example.response == " the sky"
+        assert g.example.text[slice(*row.text_units().words[-1])] == "sky"
 
 
 def test_shuffled_micro_batches_keep_their_rows_units(tmp_path, tok, units):
@@ -286,8 +354,10 @@ def test_shuffled_micro_batches_keep_their_rows_units(tmp_path, tok, units):
     assert prompts == set(PROMPTS)
 
 
-@pytest.mark.parametrize("beta, kind", [(0.0, "fkl"), (0.5, "jsd"), (1.0, "rkl")])
-def test_distillation_step_equals_mtatrainer(tmp_path, tok, units, beta, kind):
+@pytest.mark.parametrize(
+    "beta, kind, accumulation", [(0.0, "fkl", 1), (0.5, "jsd", 3), (1.0, "rkl", 1)]
+)
+def test_distillation_step_equals_mtatrainer(tmp_path, tok, units, beta, kind, accumulation):
     teacher, student, mta_loss = models(tok)
     reference = reference_trainer(tmp_path, tok, teacher, student, mta_loss, kind)
     adapter = distillation_trainer(
@@ -295,7 +365,9 @@ def test_distillation_step_equals_mtatrainer(tmp_path, tok, units, beta, kind):
     )
     batch = generated(adapter)
     assert batch["prompt_mask"].min() == 0  # rows of unequal prompts: left padding is exercised
-    got_loss, got = step(adapter, adapter.model, adapter.model, adapter.mta_loss, batch, None)
+    got_loss, got = step(
+        adapter, adapter.model, adapter.model, adapter.mta_loss, batch, None, accumulation
+    )
     # the same rows as MTATrainer takes them: tokens, the completion as labels, the same units
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
     targets = torch.cat([torch.zeros_like(batch["prompt_mask"]), batch["completion_mask"]], 1)
@@ -310,6 +382,7 @@ def test_distillation_step_equals_mtatrainer(tmp_path, tok, units, beta, kind):
         reference.mta_loss,
         rows,
         batch["num_items_in_batch"],
+        accumulation,
     )
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=0)
     assert got.keys() == want.keys()
@@ -318,7 +391,7 @@ def test_distillation_step_equals_mtatrainer(tmp_path, tok, units, beta, kind):
 
 
 def test_distillation_trains_logs_saves_and_resumes(tmp_path, tok, units):
-    """Accumulating two micro-batches per step: the components are logged, checkpoints hold
+    """Accumulating three micro-batches per step: the components are logged, checkpoints hold
     the projectors, and resuming from one reloads them and ends where the full run ends."""
     settings = {
         "max_steps": 4,
@@ -355,6 +428,17 @@ def test_distillation_refusals(tmp_path, tok, units):
         distillation_trainer(tmp_path, tok, teacher, "gpt2", mta_loss, units)
     with pytest.raises(ValueError, match="does not take tools"):
         MTADistillationTrainer(student, teacher, mta_loss=mta_loss, tools=[len])
+    with pytest.raises(ValueError, match="membership must be one of"):
+        MTADistillationTrainer(student, teacher, mta_loss=mta_loss, membership="first")
+
+    class ImageProcessor(transformers.ProcessorMixin):
+        def __init__(self):  # no tokenizer or image processor: only its kind matters here
+            pass
+
+    with pytest.raises(ValueError, match="vision-language processor is not supported"):
+        MTADistillationTrainer(
+            student, teacher, mta_loss=mta_loss, processing_class=ImageProcessor()
+        )
     with pytest.raises(ValueError, match="rules='authors_code' but the MTA loss is the 'paper'"):
         distillation_trainer(
             tmp_path, tok, teacher, student, mta_loss, UnitPool(processes=0, rules="authors_code")
@@ -370,6 +454,19 @@ def test_distillation_refusals(tmp_path, tok, units):
                 "completion_mask": torch.ones(1, 1, dtype=torch.long),
             },
         )
+
+
+@pytest.mark.parametrize("sharding", ["is_fsdp_enabled", "is_deepspeed_enabled"])
+def test_sharded_training_is_refused(sharding):
+    """Both adapters check the trainer's own flags once accelerate is set up (a stand-in
+    trainer: FSDP and DeepSpeed need accelerators in accelerate)."""
+    from mta.integrations.trl import _check_parallelism
+
+    trainer = types.SimpleNamespace(is_fsdp_enabled=False, is_deepspeed_enabled=False)
+    _check_parallelism(trainer)
+    setattr(trainer, sharding, True)
+    with pytest.raises(ValueError, match="not done under FSDP or DeepSpeed here: use DDP"):
+        _check_parallelism(trainer)
 
 
 def test_distillation_trains_a_lora_student(tmp_path, tok, units):

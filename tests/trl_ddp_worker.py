@@ -2,8 +2,8 @@
 --nproc_per_node 2`` on CPU (gloo): ``trl_ddp_worker.py {sft,distillation} OUT``.
 
 Every process builds the same adapter (the same tiny models) and trains it two steps on its own
-share of the batches (SFT: the sampler's shard of the rows; distillation: completions each
-process samples with its own seed), then saves its student and projectors to
+share of the batches (the sampler's shard of the rows; in distillation, the completions it
+samples for its share of the prompts), then saves its student and projectors to
 ``OUT/rank{r}.pt``. DDP all-reduces the student's gradients and, through their own DDP
 wrapper, the projectors': the processes must end with the same weights.
 """

@@ -1,4 +1,4 @@
-"""MTA in TRL's trainers (``pip install 'trl>=1.10'``, optional).
+"""MTA in TRL's trainers (``pip install 'trl>=1.14.2'``, optional).
 
 Two adapters, each the TRL trainer plus the MTA term of :class:`~mta.loss.MTALoss` (its layer
 plan and projectors, trained, saved and reloaded)::
@@ -10,8 +10,9 @@ plan and projectors, trained, saved and reloaded)::
   ``base_loss="ce"``;
 * :class:`MTADistillationTrainer` is ``trl.DistillationTrainer`` (on-policy: the student samples
   each completion, the teacher's distribution is matched by TRL's generalised JSD): the units of
-  every prompt + completion are parsed while the batch trains (:class:`mta.unit_pool.UnitPool`),
-  as in ``MTATrainer``'s ``student_generation``.
+  every prompt + completion of a generation batch are parsed in a worker process
+  (:class:`mta.unit_pool.UnitPool`) from the moment it is sampled, and awaited by its first
+  micro-batch after the forwards, as in ``MTATrainer``'s ``student_generation``.
 
 One step of either on one batch gives the loss and gradients of ``MTATrainer``'s step on that
 batch (``tests/test_integrations_trl.py``).
@@ -42,29 +43,50 @@ config.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+from packaging.version import Version
 from torch import Tensor, nn
-from transformers import TrainerCallback
+from transformers import ProcessorMixin, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from mta.checkpoints import load_projectors, save_projectors
-from mta.data import DistillationCollator, DistillationDataset, Example, encode_generated
+from mta.data import (
+    DistillationCollator,
+    DistillationDataset,
+    Example,
+    chat_prompt_example,
+    encode_generated,
+)
 from mta.generation import SampledBatch, SampledExample, submit_units
 from mta.lm_head import decoder
 from mta.loss import MTALoss
 from mta.metrics import LoggedMetrics, MetricsLogging
+from mta.spans import MEMBERSHIPS
 from mta.student import add_projector_group, check_layer_plan
 from mta.teacher import prepare_teacher, prepare_unregistered, teacher_forward
 from mta.unit_pool import UnitPool
 
+#: The oldest TRL whose trainers the adapters are tested on (its DistillationTrainer is the
+#: first to keep the chat template and the EOS ids its generation stops at).
+MIN_TRL_VERSION = "1.14.2"
+
 try:
+    import trl
     from trl import DistillationTrainer, SFTTrainer
 except ImportError as err:  # pragma: no cover - the module is only imported with trl
-    raise ImportError("mta.integrations.trl needs trl: pip install 'trl>=1.10'") from err
+    raise ImportError(
+        f"mta.integrations.trl needs trl: pip install 'trl>={MIN_TRL_VERSION}'"
+    ) from err
+if Version(trl.__version__) < Version(MIN_TRL_VERSION):
+    raise ImportError(
+        f"mta.integrations.trl needs trl>={MIN_TRL_VERSION}, found {trl.__version__}: "
+        f"pip install 'trl>={MIN_TRL_VERSION}'"
+    )
 
 __all__ = ["MTADistillationTrainer", "MTASFTTrainer", "capture_hidden_states"]
 
@@ -142,19 +164,30 @@ def capture_hidden_states(
 ) -> Iterator[CapturedHiddenStates]:
     """Ask ``model``'s backbone (:func:`mta.lm_head.decoder`) for its ``hidden_states`` in
     every forward run inside the block and keep ``layers`` of them, from the first forward with
-    gradients enabled (else the first one)."""
+    gradients enabled (else the first one). The backbone's output drops its ``hidden_states``
+    again unless the caller asked for them (argument or config)."""
     backbone = decoder(model)
     if backbone is None:
         raise ValueError(
             f"{type(model).__name__} has no separate backbone whose hidden states MTA can read"
         )
     captured = CapturedHiddenStates(owner, layers)
+    config = getattr(backbone, "config", None)
+    wanted_by_caller = []
 
     def request(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> Any:
+        wanted_by_caller.append(
+            bool(kwargs.get("output_hidden_states", getattr(config, "output_hidden_states", False)))
+        )
         return args, {**kwargs, "output_hidden_states": True}
 
-    def keep(module: nn.Module, args: Any, output: Any) -> None:
+    def keep(module: nn.Module, args: Any, output: Any) -> Any:
         captured.keep(output.hidden_states)
+        if wanted_by_caller.pop():
+            return output
+        # the other layers go now, not with the caller's outputs (a teacher's are kept
+        # while its logits are matched)
+        return dataclasses.replace(output, hidden_states=None)
 
     handles = [
         backbone.register_forward_pre_hook(request, with_kwargs=True),
@@ -173,6 +206,13 @@ def _check_parallelism(trainer: Any) -> None:
             f"{type(trainer).__name__} trains the projectors beside the student, which is not "
             "done under FSDP or DeepSpeed here: use DDP, or mta.trainer.MTATrainer (whose "
             "model holds the projectors)"
+        )
+
+
+def _refuse_vision(is_vlm: bool) -> None:
+    if is_vlm:
+        raise ValueError(
+            "MTADistillationTrainer aligns text units: a vision-language processor is not supported"
         )
 
 
@@ -410,12 +450,11 @@ class MTADistillationTrainer(_MTAProjectors, DistillationTrainer):
                 f"the unit pool extracts units with rules={unit_pool.rules!r} but the MTA loss "
                 f"is the {mta_loss.variant!r} variant"
             )
+        if membership not in MEMBERSHIPS:
+            raise ValueError(f"membership must be one of {MEMBERSHIPS}, got {membership!r}")
+        _refuse_vision(isinstance(kwargs.get("processing_class"), ProcessorMixin))
         super().__init__(model=model, teacher_model=teacher_model, args=args, **kwargs)
-        if self._is_vlm:
-            raise ValueError(
-                "MTADistillationTrainer aligns text units: a vision-language processor is not "
-                "supported"
-            )
+        _refuse_vision(self._is_vlm)  # the processor TRL loaded when none was given
         self._prepare_projectors(mta_loss, projector_learning_rate, projector_weight_decay)
         self.unit_pool = (
             UnitPool(processes=1, rules=mta_loss.variant) if unit_pool is None else unit_pool
@@ -431,40 +470,27 @@ class MTADistillationTrainer(_MTAProjectors, DistillationTrainer):
 
     # ---- the units of the generated rows ---------------------------------------------------
 
-    def _prompt_example(self, prompt: Any) -> Example:
+    def _prompt_example(self, prompt: str | Sequence[Mapping[str, Any]]) -> Example:
         """The prompt as :class:`~mta.data.Example` text: a plain prompt as it is (all content),
-        a conversation rendered by the chat template as TRL renders it (its messages' contents
-        the content regions)."""
+        a conversation rendered by the chat template as TRL renders it, its messages' contents
+        the content regions (:func:`mta.data.chat_prompt_example`)."""
         if isinstance(prompt, str):
             return Example(prompt, len(prompt), ((0, len(prompt)),))
-        text = self.processing_class.apply_chat_template(
-            prompt,
-            chat_template=self.chat_template,
-            add_generation_prompt=True,
-            tokenize=False,
-            **self.chat_template_kwargs,
-        )
-        regions, cursor = [], 0
-        for n, message in enumerate(prompt):
-            content = message.get("content")
-            if not isinstance(content, str):
-                raise ValueError(
-                    f"message {n} of a prompt has content of type {type(content).__name__}: "
-                    "MTA aligns text units, so message contents must be strings"
-                )
-            if not content:
-                continue
-            start = text.find(content, cursor)
-            if start < 0:
-                raise ValueError(
-                    f"the chat template does not render message {n}'s content verbatim, so its "
-                    "units cannot be placed in the prompt's text"
-                )
-            regions.append((start, start + len(content)))
-            cursor = start + len(content)
-        return Example(text, len(text), tuple(regions))
 
-    def _row_units(self, prompts: Sequence[Any], batch: Mapping[str, Tensor]) -> list[Any]:
+        def render(messages: list[dict[str, Any]]) -> str:
+            return self.processing_class.apply_chat_template(
+                messages,
+                chat_template=self.chat_template,
+                add_generation_prompt=True,
+                tokenize=False,
+                **self.chat_template_kwargs,
+            )
+
+        return chat_prompt_example(render, prompt)
+
+    def _row_units(
+        self, prompts: Sequence[Any], batch: Mapping[str, Tensor]
+    ) -> list[SampledExample]:
         """Per row of a generated batch, its :class:`~mta.generation.SampledExample` (units
         parsing) placed in the batch's columns: left-padded prompt, then completion."""
         prompt_ids, prompt_mask = batch["prompt_ids"].cpu(), batch["prompt_mask"].cpu().bool()
@@ -475,16 +501,23 @@ class MTADistillationTrainer(_MTAProjectors, DistillationTrainer):
         for b, prompt in enumerate(prompts):
             tokens = prompt_ids[b][prompt_mask[b]].tolist()
             completion = completion_ids[b][completion_mask[b]].tolist()
-            generated.append(
-                encode_generated(
+            example = self._prompt_example(prompt)
+            try:
+                row = encode_generated(
                     self._tokenizer,
-                    self._prompt_example(prompt),
+                    example,
                     completion,
                     len(tokens) + max(1, len(completion)),
                     prompt_ids=tokens,
                     eos_token_ids=self.eos_token_ids,
                 )
-            )
+            except ValueError as err:
+                raise ValueError(
+                    f"row {b} of the generated batch: {err}. The units are placed on TRL's "
+                    "prompt tokens through their text (the prompt, or the chat template's "
+                    "rendering of it), which processing_class must tokenize back to them"
+                ) from err
+            generated.append(row)
         pending = submit_units(self.unit_pool, generated, self.mta_loss.variant)
         return [
             SampledExample(g, None, pending, i, pad_left=width - g.n_prompt)
