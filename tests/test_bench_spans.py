@@ -13,6 +13,7 @@ from datetime import datetime
 import pytest
 
 from benchmarks import bench_spans
+from mta.spans import collate_unit_spans
 
 METRICS = (
     "load_average",
@@ -59,8 +60,15 @@ def test_cli_rejects_non_positive_counts(flag, capsys):
     assert f"{flag} must be a positive int" in capsys.readouterr().err
 
 
-def test_tiny_run_writes_sane_csv_and_markdown(tmp_path, capsys):
+def test_tiny_run_writes_sane_csv_and_markdown(tmp_path, capsys, monkeypatch):
     pytest.importorskip("spacy")
+    collated_with = []  # per timed collation call: whether it was given teacher offsets
+
+    def recording_collate(units, student_offsets, teacher_offsets=None):
+        collated_with.append(teacher_offsets is not None)
+        return collate_unit_spans(units, student_offsets, teacher_offsets)
+
+    monkeypatch.setattr(bench_spans, "collate_unit_spans", recording_collate)
     out = tmp_path / "spans.csv"
     args = ["--examples", str(N_EXAMPLES), "--repeats", "3", "--reps", "50", "--out", str(out)]
     args += ["--prepare-examples", str(N_EXAMPLES)]
@@ -83,11 +91,14 @@ def test_tiny_run_writes_sane_csv_and_markdown(tmp_path, capsys):
     # ~100-word passages: about as many spaCy words, a third as many phrases (README: 101 / 35).
     assert 80 <= float(rows["words_per_example"]["value"]) <= 200
     assert 15 <= float(rows["phrases_per_example"]["value"]) <= 80
-    # Reading the cache is far cheaper than parsing; two tokenizers cost more than one.
+    # Reading the cache is far cheaper than parsing (two orders of magnitude, so the 5x margin
+    # survives a loaded machine). The two collation timings are too close to order reliably, so
+    # the test checks what each one timed: the student's tokenizer alone, then both.
     assert float(rows["cache_read"]["value"]) > 5 * float(rows["extract_units"]["value"])
-    assert float(rows["collate_unit_spans_2tok"]["value"]) > float(
-        rows["collate_unit_spans_1tok"]["value"]
-    )
+    half = len(collated_with) // 2
+    assert half and collated_with == [False] * half + [True] * half
+    assert "WordPiece" not in rows["collate_unit_spans_1tok"]["detail"]
+    assert "WordPiece" in rows["collate_unit_spans_2tok"]["detail"]
 
     assert bench_spans.main(["--markdown", str(out)]) == 0
     table = capsys.readouterr().out
