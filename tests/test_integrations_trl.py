@@ -9,6 +9,8 @@ in another order.
 """
 
 import copy
+import importlib.util
+import re
 import types
 from pathlib import Path
 
@@ -41,6 +43,7 @@ from trl_helpers import (  # noqa: E402 (needs trl)
     sft_trainer,
 )
 
+import mta.integrations.trl as trl_adapter  # noqa: E402 (needs trl)
 from mta.integrations.trl import (  # noqa: E402 (needs trl)
     UNITS_KEY,
     MTADistillationTrainer,
@@ -49,6 +52,18 @@ from mta.integrations.trl import (  # noqa: E402 (needs trl)
 )
 
 pytestmark = pytest.mark.usefixtures("eager_mta_ops")
+
+
+def test_oldest_trl_is_the_one_setup_admits(monkeypatch):
+    """The import-time bound is the `trl` extra's (which `make test-trl-min` tests), and an older
+    TRL is refused at import with the bound named."""
+    setup = (Path(__file__).parents[1] / "setup.py").read_text()
+    assert f'"trl>={trl_adapter.MIN_TRL_VERSION}"' in setup
+    monkeypatch.setattr(trl, "__version__", "0.1")
+    spec = importlib.util.spec_from_file_location("trl_adapter_copy", trl_adapter.__file__)
+    bound = re.escape(trl_adapter.MIN_TRL_VERSION)
+    with pytest.raises(ImportError, match=f"needs trl>={bound}, found 0\\.1: pip install"):
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
 
 
 @pytest.fixture(scope="module")
