@@ -208,6 +208,24 @@ def check_layer_plan(
                 )
 
 
+def check_given_optimizer(
+    optimizer: torch.optim.Optimizer | None, mta_loss: MTALoss | None
+) -> None:
+    """Refuse an optimizer given to the trainer (``optimizers=(optimizer, scheduler)``) that
+    leaves out trainable projector parameters: they would get gradients and never move."""
+    if optimizer is None or mta_loss is None:
+        return
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [n for n, p in mta_loss.named_parameters() if p.requires_grad and id(p) not in held]
+    if missing:
+        raise ValueError(
+            f"the optimizer given in optimizers=(optimizer, scheduler) leaves out {len(missing)} "
+            f"MTA projector parameters ({missing[0]}, ...): give it a group of "
+            "mta_loss.parameters() before building its scheduler, or let the trainer build both "
+            "(its projector_learning_rate group)"
+        )
+
+
 def add_projector_group(
     optimizer: torch.optim.Optimizer,
     mta_loss: MTALoss | None,

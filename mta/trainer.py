@@ -12,7 +12,8 @@ Design:
 * Only the aligned hidden states are kept: both models run with ``output_hidden_states=True``
   and every layer not in the layer plan is dropped right after the forward.
 * The projectors get their own optimizer parameter group (``projector_learning_rate``, default
-  5e-4, ``projector_weight_decay`` 0); the scheduler scales both groups alike.
+  5e-4, ``projector_weight_decay`` 0); the scheduler scales both groups alike. An optimizer
+  given in ``optimizers`` must hold them (:func:`mta.student.check_given_optimizer`).
 * With ``fused_lm_head`` the base loss is computed inside the wrapped forward from the models'
   last hidden states and LM-head weights (:func:`~mta.kd_losses.fused_linear_distillation_loss`,
   Liger-Kernel's fused linear JSD on CUDA when installed): no ``[B, T, V]`` logits exist.
@@ -64,6 +65,7 @@ from mta.student import (
     FusedHeadLoss,
     StudentWithProjectors,
     add_projector_group,
+    check_given_optimizer,
     check_layer_plan,
 )
 from mta.teacher import prepare_teacher, teacher_forward
@@ -150,6 +152,7 @@ class MTATrainer(MetricsLogging, Trainer):
             **kwargs,
         )
         self.label_names = ["labels"]
+        check_given_optimizer(self.optimizer, mta_loss)
         if self.args.n_gpu > 1:
             raise ValueError(
                 f"{self.args.n_gpu} GPUs are visible to a single process, which the Trainer would "

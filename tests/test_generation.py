@@ -117,8 +117,9 @@ def test_given_prompt_tokens_and_several_eos_ids(toks, kind):
     reply = tok(" Cats sleep.", add_special_tokens=False)["input_ids"]
     stop = tok.convert_tokens_to_ids(".")
     default = encode_generated(tok, example, reply, MAX_LENGTH)
-    for special in (True, False):
-        prompt_ids = tok(example.prompt, add_special_tokens=special)["input_ids"]
+    with_bos, without = (tok(example.prompt, add_special_tokens=s).input_ids for s in (True, False))
+    assert (with_bos != without) == (kind == "metaspace")  # the metaspace tokenizer adds a BOS
+    for prompt_ids in (with_bos, without):
         g = encode_generated(tok, example, reply, MAX_LENGTH, prompt_ids=prompt_ids)
         assert g.input_ids == prompt_ids + reply and g.n_prompt == len(prompt_ids)
         assert g.example == default.example

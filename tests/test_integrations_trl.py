@@ -11,7 +11,6 @@ in another order.
 import copy
 import importlib.util
 import re
-import types
 from pathlib import Path
 
 import pytest
@@ -71,19 +70,21 @@ def tok():
     return make_tokenizer([e.text for e in EXAMPLES], "bytelevel", 300)
 
 
-@pytest.mark.parametrize("caller_asks", [False, True])
+@pytest.mark.parametrize("caller_asks", [False, True, None])
 def test_capture_keeps_the_wanted_layers_only(tok, caller_asks):
     """The kept layers are the backbone's ``hidden_states``; the output returns them only when
-    its caller asked for them, so the other layers are freed once the forward ends."""
+    its caller asked for them (``None``: through the config), so the other layers are freed once
+    the forward ends."""
     _, student, _ = models(tok)
     ids = torch.tensor([[5, 9, 13, 2]])
     want = student(ids, output_hidden_states=True).hidden_states
+    student.config.output_hidden_states = caller_asks is None
     with capture_hidden_states(student, [0, 2]) as captured:
         out = student(ids, output_hidden_states=caller_asks)
     assert set(captured.get()) == {0, 2}
     for layer in (0, 2):
         torch.testing.assert_close(captured.get()[layer], want[layer], rtol=0, atol=0)
-    assert (out.hidden_states is not None) == caller_asks
+    assert (out.hidden_states is not None) == (caller_asks is not False)
     with (
         pytest.raises(RuntimeError, match="no forward of the model's backbone ran"),
         capture_hidden_states(student, [1]) as idle,
@@ -92,15 +93,16 @@ def test_capture_keeps_the_wanted_layers_only(tok, caller_asks):
 
 
 def step(trainer, model, student, projectors, batch, num_items, accumulation=1):
-    """Loss and gradients (by name) of one micro-batch through ``trainer.compute_loss``, as the
-    first of a step of ``accumulation`` micro-batches (what ``Trainer.train`` sets)."""
+    """Loss and gradients (by name) of one micro-batch through ``trainer.training_step`` (which
+    divides by the accumulation steps where ``Trainer`` does), as the first of a step of
+    ``accumulation`` micro-batches (what ``Trainer.train`` sets). ``batch`` is the micro-batch as
+    the loss takes it: a TRL generation batch is already generated and split."""
     trainer.current_gradient_accumulation_steps = accumulation
-    model.train()
-    loss = trainer.compute_loss(model, batch, num_items_in_batch=num_items)
-    loss.backward()
+    trainer._prepare_inputs = lambda inputs: inputs  # CPU tensors: nothing to move
+    loss = trainer.training_step(model, batch, num_items)
     grads = {f"student.{k}": p.grad.clone() for k, p in student.named_parameters()}
     grads |= {f"mta.{k}": p.grad.clone() for k, p in projectors.named_parameters()}
-    return loss.detach(), grads
+    return loss, grads
 
 
 def reference_trainer(tmp_path, tok, teacher, student, mta_loss, base_loss):
@@ -243,6 +245,30 @@ def test_evaluate_takes_a_distillation_dataset(tmp_path, tok):
     metrics = trainer.evaluate(eval_dataset=examples_dataset(tok))
     assert metrics["eval_dsa"] > 0 and "eval_loss" in metrics
     assert trainer.accelerator._models == [trainer.model]
+
+
+def test_a_given_optimizer_must_hold_the_projectors(tmp_path, tok):
+    teacher, student, mta_loss = models(tok)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match=r"leaves out 2 MTA projector parameters"):
+        sft_trainer(tmp_path, tok, teacher, student, mta_loss, optimizers=(optimizer, None))
+
+
+def test_dicts_of_eval_sets_evaluate_each_with_the_term(tmp_path, tok):
+    """A dict of DistillationDatasets, at construction (evaluated during training, each under
+    its name) or passed to evaluate(): Trainer calls evaluate once per entry."""
+    sets = {"short": examples_dataset(tok), "again": examples_dataset(tok)}
+    trainer = sft_trainer(
+        tmp_path, tok, *models(tok), eval_dataset=sets, eval_strategy="steps", eval_steps=1
+    )
+    trainer.train(None, None)  # resume_from_checkpoint, trial: Trainer.train's positional order
+    logged = [set(entry) for entry in trainer.state.log_history]
+    for name in sets:
+        assert any({f"eval_{name}_loss", f"eval_{name}_dsa"} <= keys for keys in logged), name
+    metrics = trainer.evaluate(eval_dataset={"given": examples_dataset(tok)})
+    assert metrics["eval_given_dsa"] > 0
+    with pytest.raises(TypeError, match=r"eval_dataset\['given'\] must be a mta.data.Distil"):
+        trainer.evaluate(eval_dataset={"given": datasets.Dataset.from_dict({"text": ["a"]})})
 
 
 @pytest.mark.parametrize("setting", ["packing", "padding_free", "assistant_only_loss"])
@@ -471,17 +497,24 @@ def test_distillation_refusals(tmp_path, tok, units):
         )
 
 
+@pytest.mark.parametrize("kind", ["sft", "distillation"])
 @pytest.mark.parametrize("sharding", ["is_fsdp_enabled", "is_deepspeed_enabled"])
-def test_sharded_training_is_refused(sharding):
-    """Both adapters check the trainer's own flags once accelerate is set up (a stand-in
-    trainer: FSDP and DeepSpeed need accelerators in accelerate)."""
-    from mta.integrations.trl import _check_parallelism
+def test_sharded_training_is_refused(tmp_path, tok, units, monkeypatch, kind, sharding):
+    """Each adapter reads the trainer's own flags once accelerate is set up. FSDP and DeepSpeed
+    need accelerators in accelerate, so the flag is raised right after Trainer sets it."""
+    set_up = transformers.Trainer.create_accelerator_and_postprocess
 
-    trainer = types.SimpleNamespace(is_fsdp_enabled=False, is_deepspeed_enabled=False)
-    _check_parallelism(trainer)
-    setattr(trainer, sharding, True)
+    def sharded(trainer):
+        set_up(trainer)
+        setattr(trainer, sharding, True)
+
+    monkeypatch.setattr(transformers.Trainer, "create_accelerator_and_postprocess", sharded)
+    # DistillationTrainer hands its teacher to DeepSpeed first (not installed here)
+    monkeypatch.setattr(trl.trainer.distillation_trainer, "prepare_deepspeed", lambda m, _: m)
+    build = sft_trainer if kind == "sft" else distillation_trainer
+    extra = () if kind == "sft" else (units,)
     with pytest.raises(ValueError, match="not done under FSDP or DeepSpeed here: use DDP"):
-        _check_parallelism(trainer)
+        build(tmp_path, tok, *models(tok), *extra)
 
 
 def test_distillation_trains_a_lora_student(tmp_path, tok, units):

@@ -136,6 +136,40 @@ def test_projectors_have_their_own_param_group(tmp_path, toks):
     assert optimizer.param_groups[0]["weight_decay"] == 0.1
 
 
+@pytest.mark.parametrize("with_projectors", [False, True])
+def test_a_given_optimizer_must_hold_the_projectors(tmp_path, toks, with_projectors):
+    """optimizers=(optimizer, None) over the student only would leave the projectors at their
+    initialisation: refused by name; with a group of theirs it trains them."""
+    teacher, student, tok, _ = make_pair("gpt2", toks, 0.0)
+    mta_loss = MTALoss(32, 48, plan_layers(2, 4, num_key_layers=2))
+    projectors = [*mta_loss.parameters()] if with_projectors else []
+    optimizer = torch.optim.AdamW([*student.parameters(), *projectors], lr=1e-3)
+    before = clone(mta_loss)
+    settings = {**tiny_run_arguments(tmp_path, None, "fkl"), "per_device_train_batch_size": 3}
+
+    def build():
+        return MTATrainer(
+            model=student,
+            teacher_model=teacher,
+            args=MTATrainingArguments(**settings),
+            mta_loss=mta_loss,
+            processing_class=tok,
+            data_collator=DistillationCollator(pad_token_id(tok)),
+            train_dataset=DistillationDataset(
+                EXAMPLES, tok, MAX_LENGTH, units=[regex_units(e) for e in EXAMPLES]
+            ),
+            optimizers=(optimizer, None),
+        )
+
+    if not with_projectors:
+        refusal = r"leaves out 2 MTA projector parameters \(projectors\.1\.weight, "
+        with pytest.raises(ValueError, match=refusal):
+            build()
+        return
+    build().train()
+    assert not any(torch.equal(p, before[n]) for n, p in mta_loss.named_parameters())
+
+
 def test_base_loss_alone(tmp_path, toks):
     trainer = make_trainer(tmp_path, "gpt2", toks, mta=False, max_steps=1)
     trainer.train()

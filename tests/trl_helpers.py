@@ -39,16 +39,19 @@ def _settings(output_dir, overrides: dict) -> dict:
     return settings
 
 
-def sft_trainer(tmp_path, tok, teacher, student, mta_loss, eval_dataset=None, **overrides):
+def sft_trainer(
+    tmp_path, tok, teacher, student, mta_loss, eval_dataset=None, optimizers=(None, None), **o
+):
     return MTASFTTrainer(
         model=student,
         teacher_model=teacher,
         mta_loss=mta_loss,
-        args=trl.SFTConfig(**_settings(tmp_path, overrides)),
+        args=trl.SFTConfig(**_settings(tmp_path, o)),
         data_collator=DistillationCollator(pad_token_id(tok)),
         train_dataset=examples_dataset(tok),
         eval_dataset=eval_dataset,
         processing_class=tok,
+        optimizers=optimizers,
     )
 
 

@@ -15,7 +15,10 @@ plan and projectors, trained, saved and reloaded)::
   micro-batch after the forwards, as in ``MTATrainer``'s ``student_generation``.
 
 One step of either on one batch gives the loss and gradients of ``MTATrainer``'s step on that
-batch (``tests/test_integrations_trl.py``).
+batch (``tests/test_integrations_trl.py``), with TRL's default losses: ``SFTTrainer``'s
+negative log-likelihood (no label smoothing or ``compute_loss_func``) and, for
+``DistillationTrainer``, ``temperature=1`` (``MTATrainer`` scales its divergence by τ², TRL does
+not).
 
 How they fit in TRL's trainers without changing them:
 
@@ -67,7 +70,7 @@ from mta.lm_head import decoder
 from mta.loss import MTALoss
 from mta.metrics import LoggedMetrics, MetricsLogging
 from mta.spans import MEMBERSHIPS
-from mta.student import add_projector_group, check_layer_plan
+from mta.student import add_projector_group, check_given_optimizer, check_layer_plan
 from mta.teacher import prepare_teacher, prepare_unregistered, teacher_forward
 from mta.unit_pool import UnitPool
 
@@ -132,6 +135,11 @@ def _row_references(dataset: Any, key: str, sources: list[DistillationDataset]) 
     )
 
 
+def _is_row_references(dataset: Any) -> bool:
+    """Whether ``dataset`` is a ``datasets.Dataset`` that :func:`_row_references` built."""
+    return getattr(dataset, "column_names", None) == [SOURCE_COLUMN, ROW_COLUMN]
+
+
 class CapturedHiddenStates:
     """The hidden states a backbone's forward produced (:func:`capture_hidden_states`)."""
 
@@ -176,9 +184,10 @@ def capture_hidden_states(
     wanted_by_caller = []
 
     def request(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> Any:
-        wanted_by_caller.append(
-            bool(kwargs.get("output_hidden_states", getattr(config, "output_hidden_states", False)))
-        )
+        asked = kwargs.get("output_hidden_states")  # None: the config decides, as in HF models
+        if asked is None:
+            asked = getattr(config, "output_hidden_states", False)
+        wanted_by_caller.append(bool(asked))
         return args, {**kwargs, "output_hidden_states": True}
 
     def keep(module: nn.Module, args: Any, output: Any) -> Any:
@@ -236,6 +245,7 @@ class _MTAProjectors(MetricsLogging):
         self, mta_loss: MTALoss, learning_rate: float, weight_decay: float
     ) -> None:
         _check_parallelism(self)
+        check_given_optimizer(self.optimizer, mta_loss)
         self.projectors = prepare_unregistered(self.accelerator, mta_loss)
         self.projector_learning_rate = learning_rate
         self.projector_weight_decay = weight_decay
@@ -283,7 +293,9 @@ class _MTAProjectors(MetricsLogging):
             os.makedirs(output_dir, exist_ok=True)
             save_projectors(output_dir, self.mta_loss)
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
+    def train(
+        self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any
+    ) -> Any:
         """``Trainer.train``; resuming also reloads the checkpoint's projectors."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
@@ -291,7 +303,7 @@ class _MTAProjectors(MetricsLogging):
                 raise ValueError(f"no checkpoint to resume from in {self.args.output_dir!r}")
         if resume_from_checkpoint:
             load_projectors(resume_from_checkpoint, self.mta_loss)
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
 
 class MTASFTTrainer(_MTAProjectors, SFTTrainer):
@@ -352,7 +364,11 @@ class MTASFTTrainer(_MTAProjectors, SFTTrainer):
     def evaluate(self, eval_dataset: Any = None, *args: Any, **kwargs: Any) -> dict[str, float]:
         """``SFTTrainer.evaluate``; ``eval_dataset`` is a :class:`~mta.data.DistillationDataset`
         (or a dict of them), as at construction."""
-        if eval_dataset is not None:
+        # Trainer.evaluate calls itself once per entry of a dict of eval sets, with the entry's
+        # name (of self.eval_dataset) or its row references (converted on the way in)
+        if eval_dataset is not None and not (
+            isinstance(eval_dataset, str) or _is_row_references(eval_dataset)
+        ):
             eval_dataset = _row_references(eval_dataset, "eval_dataset", self._sources)
         return super().evaluate(eval_dataset, *args, **kwargs)
 
@@ -404,7 +420,8 @@ class MTADistillationTrainer(_MTAProjectors, DistillationTrainer):
     the units of that text start parsing in ``unit_pool``; ``compute_loss`` runs TRL's loss with
     the hidden states of both backbones kept, then adds the term on the micro-batch's units.
     Units come from the prompt's content (a plain prompt whole, a conversation's message
-    contents in the chat template's text) and the completion.
+    contents in the chat template's text) and the completion; under the authors' code's rules
+    (``MTALoss(variant="authors_code")``) from the whole text, template included.
 
     Args:
         model, teacher_model: the student and the teacher, loaded (the layer plan is checked
