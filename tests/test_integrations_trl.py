@@ -544,12 +544,15 @@ def test_distillation_trains_a_lora_student(tmp_path, tok, units):
 
 @pytest.mark.parametrize("kind", ["sft", "distillation"])
 def test_ddp_processes_end_with_the_same_projectors(tmp_path, kind):
-    """Two processes train on different rows (or samples): their students and projectors end
-    equal, so the projectors' gradients were all-reduced, and they moved."""
+    """Two processes train on different rows (or samples), two micro-batches per step: their
+    students and projectors end equal, so the projectors' gradients were all-reduced (once per
+    step), and they moved."""
     if kind == "distillation":
         pytest.importorskip("spacy")
     torchrun(2, str(Path(__file__).parent / "trl_ddp_worker.py"), kind, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    # one all-reduce (of the projectors' one bucket) per optimizer step, not per micro-batch
+    assert ranks[0]["projector_allreduces"].tolist() == [0, 0]
     assert ranks[0].keys() == ranks[1].keys()
     for name, value in ranks[0].items():
         assert torch.equal(value, ranks[1][name]), name

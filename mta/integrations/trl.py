@@ -28,7 +28,8 @@ How they fit in TRL's trainers without changing them:
 * ``SFTTrainer``'s teacher is prepared for evaluation (:func:`mta.teacher.prepare_teacher`) and
   runs once per micro-batch for the aligned layers only; ``DistillationTrainer`` prepares its own;
 * the projectors are a module of their own, prepared by ``accelerate`` (DDP all-reduces their
-  gradients; FSDP and DeepSpeed are refused), in one optimizer group of their own
+  gradients once per optimizer step, on its last micro-batch as the student's; FSDP and
+  DeepSpeed are refused), in one optimizer group of their own
   (``projector_learning_rate``), their gradients cleared after each optimizer step as
   ``Trainer`` clears the model's; unlike ``MTATrainer``, whose wrapper makes them part of the
   model, ``Trainer``'s gradient clipping sees the student's parameters only;
@@ -266,6 +267,18 @@ class _MTAProjectors(MetricsLogging):
             optimizer, self.mta_loss, self.projector_learning_rate, self.projector_weight_decay
         )
         return optimizer
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
+    ) -> Tensor:
+        """The TRL trainer's ``training_step``; under DDP the projectors' gradients are
+        all-reduced on the last micro-batch of a step only, as ``Trainer`` does the student's
+        (it holds the student's all-reduce back with ``accelerator.no_sync(model)``)."""
+        waits = contextlib.nullcontext()
+        if not self.accelerator.sync_gradients:
+            waits = self.accelerator.no_sync(self.projectors)
+        with waits:
+            return super().training_step(model, inputs, num_items_in_batch)
 
     def _add_term(
         self,
